@@ -1,0 +1,58 @@
+# amortized-nlme: every target sets up its own virtual environment (Python 3.12, see .python-version).
+SHELL := /bin/bash
+PY312 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(shell command -v python3.12 2>/dev/null))
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL ?= mrna_simple
+N ?=
+DATA ?=
+POP ?=
+export KERAS_BACKEND ?= jax
+export OPENBLAS_NUM_THREADS ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup simulate train check infer demo test test-all bench bench-peers clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -n "$(PY312)" || { echo "Python 3.12 not found (pyenv install 3.12 or set PY312=/path/to/python3.12)"; exit 1; }
+	test -x $(PY) || $(PY312) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,tensorflow]"
+	touch $(STAMP)
+
+simulate: $(STAMP)
+	$(VENV)/bin/amortized-nlme simulate $(MODEL) $(if $(N),-n $(N))
+
+train: $(STAMP)
+	$(VENV)/bin/amortized-nlme train $(MODEL)
+
+check: $(STAMP)
+	$(VENV)/bin/amortized-nlme check $(MODEL)
+
+infer: $(STAMP)
+	@test -n "$(DATA)" || { echo "usage: make infer MODEL=<model> DATA=<csv> [POP=<population.toml>]"; exit 2; }
+	$(VENV)/bin/amortized-nlme infer $(MODEL) --data $(DATA) $(if $(POP),--pop $(POP))
+
+# the shipped mrna_simple estimator fits the Fröhlich eGFP + d2eGFP single-cell data (two-group population model)
+demo: $(STAMP)
+	$(VENV)/bin/amortized-nlme infer mrna_simple --data amortized_nlme/example_data/froehlich2018_single_cell_gfp.csv.gz \
+		--pop workflows/populations/froehlich_two_reporters.toml --out results/demo-froehlich
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/simulate.py --quick
+	$(PY) benchmarks/objective.py
+
+bench-peers: $(STAMP)
+	$(PY) benchmarks/peers/run.py
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

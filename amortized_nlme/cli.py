@@ -1,0 +1,191 @@
+"""Command-line interface: ``amortized-nlme simulate | train | check | infer | select-covariates``.
+
+Each stage reads the previous stage's artifact and writes the next one; logs go to stderr, results to files.
+Bad input ends with a one-paragraph message and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+EXIT_USAGE = 2
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("jax._src.xla_bridge", "absl", "h5py", "matplotlib", "pypesto.objective", "numba"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _workflow_and_model(name: str, config: str | None):
+    from amortized_nlme.config import load_workflow
+    from simulators import get_model
+
+    cfg = load_workflow(config or name)
+    return cfg, get_model(cfg.model, **cfg.model_options)
+
+
+def _default_estimator(name: str) -> Path:
+    return REPO / "trained_models" / name
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from amortized_nlme.simulate import simulate_to_store
+
+    cfg, model = _workflow_and_model(args.model, args.config)
+    n = args.n or cfg.simulation.n
+    out = Path(args.out or REPO / "simulations" / f"{args.model}.h5")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    simulate_to_store(model, n, out, seed=args.seed if args.seed is not None else cfg.simulation.seed,
+                      chunk_size=args.chunk_size or cfg.simulation.chunk_size, workers=args.workers,
+                      overwrite=args.overwrite)
+    print(out)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from amortized_nlme.estimator import train
+
+    cfg, model = _workflow_and_model(args.model, args.config)
+    if args.mode:
+        cfg.training.mode = args.mode
+    out = Path(args.out or _default_estimator(args.model))
+    store = args.store or str(REPO / "simulations" / f"{args.model}.h5")
+    finished = train(cfg, model, out, store_path=store, max_minutes=args.max_minutes, verbose=args.keras_verbose)
+    if not finished:
+        print(f"training paused at the time budget; run the same command again to resume ({out}/checkpoint)",
+              file=sys.stderr)
+        return 0
+    print(out)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from amortized_nlme.diagnostics import run_check
+    from amortized_nlme.estimator import load_estimator
+
+    cfg, model = _workflow_and_model(args.model, args.config)
+    est = load_estimator(args.estimator or _default_estimator(args.model), model)
+    result = run_check(est, n_simulations=args.n_simulations or cfg.check.n_simulations,
+                       n_draws=args.n_draws or cfg.check.n_draws, seed=cfg.check.seed)
+    width = max(len(n) for n in model.param_names)
+    print(f"{'parameter':<{width}}  calib.err  in 95% band  cov90  contraction  NRMSE   R2")
+    for name in model.param_names:
+        print(f"{name:<{width}}  {result['calibration_error'][name]:9.3f}  "
+              f"{'yes' if result['ecdf_inside_95_band'][name] else 'NO':>11}  {result['coverage_90'][name]:5.2f}  "
+              f"{result['posterior_contraction'][name]:11.2f}  {result['nrmse'][name]:5.2f}  "
+              f"{result['r2'][name]:5.2f}")
+    print("calibration check", "PASSED" if result["passed"] else "FAILED")
+    return 0 if result["passed"] or not args.strict else 1
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from amortized_nlme.infer import InferenceOptions, run_inference
+
+    opts = InferenceOptions(
+        model=args.model, data=args.data, population=args.pop, estimator=args.estimator, out=args.out,
+        config=args.config, n_draws=args.draws, n_starts=args.starts, profiles=not args.no_profiles,
+        seed=args.seed, groups=args.groups, max_individuals=args.max_individuals, mc_refits=args.mc_refits)
+    out = run_inference(opts)
+    print(out)
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from amortized_nlme.selection import run_selection_cli
+
+    return run_selection_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="amortized-nlme", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="stage 1: simulate prior-predictive data into an HDF5 store")
+    p.add_argument("model")
+    p.add_argument("-n", type=int, help="number of simulations (default: workflow config)")
+    p.add_argument("--out", help="store path (default simulations/<model>.h5)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--chunk-size", type=int)
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one process, all numba threads)")
+    p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+    p.add_argument("--config", help="workflow TOML (default workflows/<model>.toml)")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("train", help="stage 2: train the estimator (resumes from its checkpoint)")
+    p.add_argument("model")
+    p.add_argument("--config", help="workflow TOML (default workflows/<model>.toml)")
+    p.add_argument("--store", help="simulation store for offline training (default simulations/<model>.h5)")
+    p.add_argument("--mode", choices=["online", "offline"], help="override the workflow's training mode")
+    p.add_argument("--out", help="estimator folder (default trained_models/<model>)")
+    p.add_argument("--max-minutes", type=float, help="stop after this long (checkpointed; run again to resume)")
+    p.add_argument("--keras-verbose", type=int, default=0, help="Keras progress output (0, 1 or 2)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("check", help="calibration check (SBC, recovery, contraction) of a trained estimator")
+    p.add_argument("model")
+    p.add_argument("--config")
+    p.add_argument("--estimator", help="estimator folder (default trained_models/<model>)")
+    p.add_argument("--n-simulations", type=int)
+    p.add_argument("--n-draws", type=int)
+    p.add_argument("--strict", action="store_true", help="exit 1 when the check fails")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("infer", help="stage 3: fit a population model to data")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="long-format CSV (ID, TIME, DV, ...)")
+    p.add_argument("--pop", help="population model TOML/JSON (default: the workflow's [population])")
+    p.add_argument("--estimator", help="estimator folder (default trained_models/<model>)")
+    p.add_argument("--config", help="workflow TOML (default workflows/<model>.toml)")
+    p.add_argument("--out", help="results folder (default results/<model>-<data>)")
+    p.add_argument("--draws", type=int, help="posterior draws per individual (default: chosen from the data size)")
+    p.add_argument("--starts", type=int, default=10, help="multistart count")
+    p.add_argument("--no-profiles", action="store_true", help="skip profile likelihoods")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--groups", nargs="*", help="only these groups (e.g. eGFP d2eGFP)")
+    p.add_argument("--max-individuals", type=int, help="random subset of this many individuals")
+    p.add_argument("--mc-refits", type=int, default=3, help="refits on independent draw sets for the MC error")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("select-covariates", help="covariate selection by BICc, every fit on the same draws")
+    p.add_argument("model")
+    p.add_argument("--data", required=True)
+    p.add_argument("--pop", help="base population model TOML/JSON")
+    p.add_argument("--covariates", nargs="+", required=True, help="candidate covariates (as in the population file)")
+    p.add_argument("--parameters", nargs="+", help="parameters that may get covariates (default: random effects)")
+    p.add_argument("--estimator")
+    p.add_argument("--config")
+    p.add_argument("--out")
+    p.add_argument("--draws", type=int)
+    p.add_argument("--strategy", choices=["auto", "exhaustive", "stepwise"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_select)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    from amortized_nlme.errors import USER_ERRORS
+
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"amortized-nlme {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"amortized-nlme {args.command}: interrupted; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

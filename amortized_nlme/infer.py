@@ -1,0 +1,337 @@
+"""The inference stage: data + trained estimator + population model -> population estimates with uncertainty.
+
+Posterior draws are made once per (data, estimator, number of draws, seed) and cached in HDF5, so that refitting with
+another population model neither resamples nor retrains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+
+import amortized_nlme  # noqa: E402
+from amortized_nlme.config import WorkflowConfig, load_workflow  # noqa: E402
+from amortized_nlme.data import Dataset, read_dataset, read_froehlich, read_theophylline  # noqa: E402
+from amortized_nlme.errors import ConfigError  # noqa: E402
+from amortized_nlme.estimator import TrainedEstimator, load_estimator  # noqa: E402
+from amortized_nlme.model import Design, IndividualModel  # noqa: E402
+from amortized_nlme.objective import DrawSet  # noqa: E402
+from amortized_nlme.population import PopulationModel, dummy_columns  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE_DIR = "draws_cache"
+
+
+@dataclass
+class InferenceOptions:
+    """What ``amortized-nlme infer`` was asked to do (recorded with the results)."""
+
+    model: str
+    data: str
+    population: str | None = None
+    estimator: str | None = None
+    out: str | None = None
+    config: str | None = None
+    n_draws: int | None = None
+    n_starts: int = 10
+    profiles: bool = True
+    seed: int = 0
+    groups: list[str] | None = None
+    max_individuals: int | None = None
+    mc_refits: int = 3
+    cache_dir: str | None = None
+
+
+@dataclass
+class InferenceContext:
+    """Everything a population fit needs, prepared once: data laid out for the model, the estimator, the draws."""
+
+    options: InferenceOptions
+    workflow: WorkflowConfig
+    model: IndividualModel
+    estimator: TrainedEstimator
+    dataset: Dataset
+    observations: np.ndarray
+    design: Design
+    draws: np.ndarray
+    drawset: DrawSet
+    covariates: dict[str, np.ndarray]
+    groups: np.ndarray | None
+    population: PopulationModel
+    population_config: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# data
+
+
+def read_data(path: str, workflow: WorkflowConfig) -> Dataset:
+    """Read ``path`` with the reader named in the workflow's ``[data]`` section (generic CSV otherwise)."""
+    opts = dict(workflow.data)
+    reader = opts.pop("reader", "csv")
+    if reader == "froehlich":
+        return read_froehlich(path)
+    if reader == "theophylline":
+        return read_theophylline(path, drop_predose=bool(opts.get("drop_predose", False)))
+    if reader == "csv":
+        return read_dataset(path, **opts)
+    raise ConfigError(f"workflow {workflow.model}: unknown data reader {reader!r} (froehlich, theophylline, csv)")
+
+
+def default_n_draws(n_individuals: int) -> int:
+    """Posterior draws per individual: Monte-Carlo bias of the summed log-likelihood grows like n / M, so M grows
+    with the number of individuals (200 for small studies, 1000 from 10,000 individuals on)."""
+    return int(np.clip(round(n_individuals / 10, -1), 200, 1000))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# population model configuration
+
+
+def load_population_config(path: str | None, workflow: WorkflowConfig) -> dict[str, Any]:
+    """The population model as a dict: from a TOML/JSON file, or the workflow's ``[population]`` section."""
+    if path is None:
+        if not workflow.population:
+            raise ConfigError(f"no population model given (--pop) and workflows/{workflow.model}.toml has no "
+                              "[population] section")
+        return json.loads(json.dumps(workflow.population))
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"population model file {p} not found")
+    try:
+        return tomllib.loads(p.read_text()) if p.suffix.lower() == ".toml" else json.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot parse population model: {exc}") from None
+
+
+def covariate_columns(data: Dataset, definitions: dict[str, Any], where: str) -> dict[str, np.ndarray]:
+    """Transformed covariate columns from the data's covariates, as the population file defines them.
+
+    Each entry ``name = {column = "Weight", transform = "log_ratio_mean" | "log_ratio_median" | "centered" |
+    "identity" | "categorical", reference = <level>}``; a categorical covariate gives 0/1 columns ``name_<level>``.
+    """
+    cols: dict[str, np.ndarray] = {}
+    for name, spec in definitions.items():
+        if isinstance(spec, str):
+            spec = {"column": spec}
+        column = spec.get("column", name)
+        if column not in data.covariates.columns:
+            raise ConfigError(f"{where}: covariate {name!r} uses column {column!r}, which the data does not have "
+                              f"(covariates read: {list(data.covariates.columns)})")
+        values = data.covariates[column].to_numpy()
+        transform = spec.get("transform", "identity")
+        if transform == "categorical":
+            cols.update(dummy_columns(values, name, spec.get("reference")))
+            continue
+        x = np.asarray(values, dtype=np.float64)
+        if transform == "log_ratio_mean":
+            x = np.log(x / np.mean(x))
+        elif transform == "log_ratio_median":
+            x = np.log(x / np.median(x))
+        elif transform == "centered":
+            x = x - np.mean(x)
+        elif transform != "identity":
+            raise ConfigError(f"{where}: covariate {name!r}: unknown transform {transform!r}")
+        cols[name] = x
+    return cols
+
+
+def build_population(config: dict[str, Any], model: IndividualModel, data: Dataset, where: str
+                     ) -> tuple[PopulationModel, dict[str, np.ndarray], np.ndarray | None]:
+    """PopulationModel + covariate columns + group labels for ``data`` from a population config dict."""
+    cfg = dict(config)
+    definitions = cfg.pop("covariate_definitions", {})
+    if cfg.get("fixed_std") == "auto":
+        cfg.pop("fixed_std")  # resolved from the posterior draws once they exist
+    groups_cfg = cfg.pop("groups", None)
+    groups = None
+    if isinstance(groups_cfg, dict):
+        cfg["group_specific"] = groups_cfg.get("specific", [])
+        cfg["group_column"] = groups_cfg.get("column")
+        levels = groups_cfg.get("levels")
+        if data.groups is None:
+            raise ConfigError(f"{where}: the population model has groups, but the data has no group column")
+        groups = np.asarray(data.groups).astype(str)
+        cfg["groups"] = list(levels) if levels else sorted(set(groups.tolist()))
+    elif groups_cfg is not None:
+        cfg["groups"] = groups_cfg
+        groups = None if data.groups is None else np.asarray(data.groups).astype(str)
+    covariates = covariate_columns(data, definitions, where)
+    try:
+        pop = PopulationModel.from_dict(cfg, prior=model.prior)
+        pop.design(data.n_individuals, covariates, groups)  # validates covariate columns and group labels now
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return pop, covariates, groups
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# posterior draws with a cache
+
+
+def _cache_key(data_hash: str, estimator_hash: str, n_draws: int, seed: int) -> str:
+    return f"{data_hash[:16]}-{estimator_hash[:16]}-M{n_draws}-s{seed}"
+
+
+def posterior_draws(estimator: TrainedEstimator, observations: np.ndarray, design: Design, n_draws: int, seed: int,
+                    data_hash: str, cache_dir: Path | None) -> np.ndarray:
+    """Draws ``[n, M, k]`` for every individual, read from the cache when the same data, estimator, M and seed were
+    sampled before; written atomically (temp file, then rename)."""
+    path = None
+    if cache_dir is not None:
+        path = cache_dir / f"{_cache_key(data_hash, estimator.sha256, n_draws, seed)}.h5"
+        if path.exists():
+            with h5py.File(path, "r") as fh:
+                if fh.attrs.get("data_hash") == data_hash and fh.attrs.get("estimator_sha256") == estimator.sha256:
+                    logger.info("posterior draws read from cache %s", path)
+                    return fh["draws"][...]
+    t0 = time.perf_counter()
+    draws = estimator.sample(observations, design, n_draws, seed=seed, progress=True)
+    logger.info("%d x %d posterior draws in %.1f s", draws.shape[0], n_draws, time.perf_counter() - t0)
+    bad = ~np.all(np.isfinite(draws), axis=(1, 2))
+    if bad.any():
+        raise RuntimeError(f"the estimator returned non-finite draws for {int(bad.sum())} individuals")
+    if path is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with h5py.File(tmp, "w") as fh:
+            fh.create_dataset("draws", data=draws.astype(np.float32), compression="lzf")
+            fh.attrs.update({"data_hash": data_hash, "estimator_sha256": estimator.sha256, "n_draws": n_draws,
+                             "seed": seed, "model": estimator.model.name})
+        os.replace(tmp, path)
+        with h5py.File(path, "r") as fh:  # the cached (float32) draws, so a refit uses exactly the same numbers
+            return fh["draws"][...]
+    return draws.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the stage
+
+
+def prepare_inference(opts: InferenceOptions) -> InferenceContext:
+    """Read data, estimator and population model, lay the data out for the model and draw (or load) the
+    posterior samples."""
+    from simulators import get_model
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    workflow = load_workflow(opts.config or opts.model)
+    model = get_model(workflow.model, **workflow.model_options)
+    data = read_data(opts.data, workflow)
+    if opts.groups:
+        if data.groups is None:
+            raise ConfigError(f"--groups given, but {opts.data} was read without a group column")
+        keep = np.flatnonzero(np.isin(np.asarray(data.groups).astype(str), opts.groups))
+        if keep.size == 0:
+            raise ConfigError(f"no individuals in groups {opts.groups}; groups are {sorted(set(data.groups))}")
+        data = data.subset(keep)
+    if opts.max_individuals and opts.max_individuals < data.n_individuals:
+        keep = np.sort(np.random.default_rng(opts.seed).choice(data.n_individuals, opts.max_individuals,
+                                                               replace=False))
+        data = data.subset(keep)
+    logger.info("data: %s", data.summary().replace("\n", "; "))
+    observations, design = model.from_dataset(data)
+    timings["read_data_s"] = time.perf_counter() - t0
+
+    pop_cfg = load_population_config(opts.population, workflow)
+    where = opts.population or f"workflows/{workflow.model}.toml [population]"
+    population, covariates, groups = build_population(pop_cfg, model, data, where)
+
+    t1 = time.perf_counter()
+    estimator = load_estimator(opts.estimator or REPO / "trained_models" / workflow.model, model)
+    n_draws = opts.n_draws or default_n_draws(data.n_individuals)
+    cache = Path(opts.cache_dir) if opts.cache_dir else (REPO / "results" / CACHE_DIR)
+    draws = posterior_draws(estimator, observations, design, n_draws, opts.seed, data.content_hash(), cache)
+    timings["posterior_draws_s"] = time.perf_counter() - t1
+    drawset = DrawSet(draws.astype(np.float64), model.prior, ids=list(data.ids))
+    if population.fixed_std and pop_cfg.get("fixed_std", "auto") == "auto":
+        # kernel width for parameters without random effect: a fifth of their typical posterior sd (see population.py)
+        population = population.with_fixed_std_from_draws(drawset.draws, fraction=0.2)
+        logger.info("kernel sd for parameters without random effect: %s",
+                    {p: round(v, 4) for p, v in population.fixed_std.items()})
+    return InferenceContext(opts, workflow, model, estimator, data, observations, design, draws, drawset,
+                            covariates, groups, population, pop_cfg, timings)
+
+
+def split_drawset(ctx: InferenceContext, n_sets: int) -> list[DrawSet]:
+    """Disjoint subsets of the draws (every n_sets-th draw): independent draw sets for the Monte-Carlo error of the
+    estimates without sampling again."""
+    return [DrawSet(ctx.drawset.draws[:, r::n_sets], ctx.model.prior) for r in range(n_sets)]
+
+
+def run_inference(opts: InferenceOptions) -> Path:
+    """Fit the population model and write ``results/<run>/`` (estimates, uncertainty, plots, exact inputs)."""
+    from amortized_nlme.fit import fit, mc_standard_errors
+    from amortized_nlme.report import format_estimates, write_results
+
+    ctx = prepare_inference(opts)
+    out = Path(opts.out or REPO / "results" / f"{ctx.model.name}-{Path(opts.data).name.split('.')[0]}")
+    t0 = time.perf_counter()
+    fr = fit(ctx.population, ctx.drawset, ctx.covariates, ctx.groups, n_starts=opts.n_starts, seed=opts.seed,
+             wald=True, profile=opts.profiles, progress_bar=False)
+    ctx.timings["fit_s"] = time.perf_counter() - t0
+    mc = {}
+    if opts.mc_refits >= 2:
+        t1 = time.perf_counter()
+        subsets = split_drawset(ctx, opts.mc_refits)
+        sd, ests = mc_standard_errors(fr, lambda r: subsets[r], n_sets=opts.mc_refits)
+        # each refit used M / K draws; Monte-Carlo error scales as 1 / sqrt(M)
+        fr.mc_se = sd / np.sqrt(opts.mc_refits)
+        ratio = fr.mc_se / fr.se if fr.se is not None else None
+        mc = {"method": f"refits on {opts.mc_refits} disjoint draw subsets of M/{opts.mc_refits}, SD / sqrt(K)",
+              "mc_se": dict(zip(fr.parameter_names, fr.mc_se.tolist())),
+              "max_mc_se_over_se": float(np.nanmax(ratio)) if ratio is not None else None}
+        if ratio is not None and np.nanmax(ratio) > 0.5:
+            logger.warning("Monte-Carlo error is large against the statistical error (max ratio %.2f): rerun with "
+                           "more --draws", np.nanmax(ratio))
+        ctx.timings["mc_refits_s"] = time.perf_counter() - t1
+    inputs = {
+        "command": " ".join(sys.argv),
+        "options": asdict(opts),
+        "model": ctx.model.identity(),
+        "data": {"path": str(opts.data), "sha256": ctx.dataset.content_hash(), "n_individuals":
+                 ctx.dataset.n_individuals, "n_observations": int(ctx.design["mask"].sum())},
+        "estimator": {"path": str(ctx.estimator.path), "sha256": ctx.estimator.sha256},
+        "population_model": ctx.population.to_dict(),
+        "population_config": ctx.population_config,
+        "n_draws": int(ctx.draws.shape[1]),
+        "seed": opts.seed,
+        "package_versions": _versions(),
+        "platform": platform.platform(),
+    }
+    extra = {"monte_carlo": mc, "timings_s": {k: round(v, 2) for k, v in ctx.timings.items()}}
+    write_results(out, fit=fr, model=ctx.model, observations=ctx.observations, design=ctx.design, draws=ctx.draws,
+                  ids=list(ctx.dataset.ids), covariates=ctx.covariates, groups=ctx.groups, inputs=inputs, extra=extra,
+                  seed=opts.seed)
+    print(format_estimates(fr))
+    logger.info("results written to %s (sampling %.1f s, fit %.1f s)", out, ctx.timings.get("posterior_draws_s", 0),
+                ctx.timings["fit_s"])
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"amortized-nlme": amortized_nlme.__version__}
+    for pkg in ("bayesflow", "keras", "jax", "pypesto", "numpy", "scipy", "numba"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

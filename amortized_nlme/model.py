@@ -1,0 +1,159 @@
+"""The individual-model contract shared by all three stages.
+
+An individual model maps log-parameters ``phi`` (one row per individual) and a *design* (what else varies between
+individuals: sampling times, doses, ...) to observations. Every model in ``simulators/`` subclasses
+:class:`IndividualModel`; the simulation store, the estimator and the inference stage only ever talk to this class.
+
+Array conventions (``n`` individuals, ``k`` parameters, ``T`` padded time points, ``d`` observation types):
+
+* ``phi``           float64 ``[n, k]``   log-scale parameters, columns in ``param_names`` order
+* ``design``        ``dict[str, ndarray]`` with at least ``times [n, T]`` (float64, padded) and ``mask [n, T]``
+                    (bool, True where an observation exists); models add their own entries (e.g. ``dose [n]``)
+* ``observations``  float64 ``[n, T, d]`` on the model's observation scale (e.g. log fluorescence), 0 where masked
+* ``encode(...)``   float32 ``[n, T, c]`` the summary network's input; real data and simulations both go through it
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from amortized_nlme.data import Dataset
+
+Design = dict[str, np.ndarray]
+
+_LOG_2PI = float(np.log(2.0 * np.pi))
+
+
+@dataclass(frozen=True)
+class NormalPrior:
+    """Independent normal prior on log-parameters; its density is the importance-weight denominator, so it is exact."""
+
+    names: tuple[str, ...]
+    mean: np.ndarray
+    variance: np.ndarray
+
+    def __post_init__(self) -> None:
+        mean = np.asarray(self.mean, dtype=np.float64).reshape(-1)
+        var = np.asarray(self.variance, dtype=np.float64).reshape(-1)
+        if not (len(self.names) == mean.size == var.size):
+            raise ValueError("prior names, mean and variance must have the same length")
+        if np.any(var <= 0):
+            raise ValueError("prior variances must be positive")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "variance", var)
+
+    @property
+    def dim(self) -> int:
+        return len(self.names)
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.variance)
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Draw ``n`` parameter vectors, shape ``[n, k]``."""
+        return self.mean + self.std * rng.standard_normal((n, self.dim))
+
+    def log_prob(self, phi: np.ndarray) -> np.ndarray:
+        """Exact log density of ``phi [..., k]``, summed over parameters."""
+        z = (np.asarray(phi, dtype=np.float64) - self.mean) / self.std
+        return -0.5 * np.sum(z * z + np.log(self.variance) + _LOG_2PI, axis=-1)
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-serializable description, stored with simulations and estimators."""
+        return {
+            "family": "independent_normal_log",
+            "names": list(self.names),
+            "mean": self.mean.tolist(),
+            "variance": self.variance.tolist(),
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "NormalPrior":
+        if spec.get("family") != "independent_normal_log":
+            raise ValueError(f"unknown prior family {spec.get('family')!r}")
+        return cls(tuple(spec["names"]), np.asarray(spec["mean"]), np.asarray(spec["variance"]))
+
+
+class IndividualModel(ABC):
+    """An individual (subject- or cell-level) model that can be simulated.
+
+    Subclasses set the class attributes and implement the abstract methods. ``simulate`` must be vectorized over
+    individuals (numba ``prange`` inside), never a Python loop per individual.
+    """
+
+    #: short identifier, used for file names and to match estimators with simulators
+    name: str = ""
+    #: bump whenever the simulator, prior, design sampler or encoder changes what an estimator learns
+    version: str = ""
+    #: log-scale parameter names, in column order
+    param_names: tuple[str, ...] = ()
+    #: number of observation types ``d``
+    n_obs_types: int = 1
+    #: names of the observation types (e.g. ``("log_fluorescence",)``)
+    obs_names: tuple[str, ...] = ("y",)
+    #: maximum number of time points ``T`` after padding
+    max_time_points: int = 0
+
+    @property
+    @abstractmethod
+    def prior(self) -> NormalPrior:
+        """The broad training prior p(phi)."""
+
+    @abstractmethod
+    def sample_design(self, n: int, rng: np.random.Generator) -> Design:
+        """Draw designs for ``n`` simulated individuals (times, mask and model-specific entries)."""
+
+    @abstractmethod
+    def simulate(self, phi: np.ndarray, design: Design, rng: np.random.Generator) -> np.ndarray:
+        """Simulate noisy observations ``[n, T, d]`` for parameters ``phi [n, k]`` under ``design``."""
+
+    @abstractmethod
+    def encode(self, observations: np.ndarray, design: Design) -> np.ndarray:
+        """Turn observations + design into the summary network input ``[n, T, c]`` (float32, padded)."""
+
+    @abstractmethod
+    def from_dataset(self, data: "Dataset") -> tuple[np.ndarray, Design]:
+        """Convert a read data set into ``(observations [n, T, d], design)`` exactly as simulations are laid out."""
+
+    def predict(self, phi: np.ndarray, design: Design) -> np.ndarray:
+        """Noise-free model output ``[n, T, d]`` on the observation scale (for fits and predictive checks)."""
+        raise NotImplementedError(f"{self.name} does not provide noise-free predictions")
+
+    def log_likelihood(self, phi: np.ndarray, observations: np.ndarray, design: Design) -> np.ndarray:
+        """log p(y_i | phi_i) for each row ``[n]``; masked points do not count."""
+        raise NotImplementedError(f"{self.name} does not provide an individual likelihood")
+
+    @property
+    def n_params(self) -> int:
+        return len(self.param_names)
+
+    def identity(self) -> dict[str, str]:
+        """Name and version, checked when an estimator is loaded for this model."""
+        return {"name": self.name, "version": self.version}
+
+    def check_phi(self, phi: np.ndarray) -> np.ndarray:
+        """Validate and return ``phi`` as float64 ``[n, k]``."""
+        phi = np.ascontiguousarray(phi, dtype=np.float64)
+        if phi.ndim != 2 or phi.shape[1] != self.n_params:
+            raise ValueError(f"{self.name}: expected parameters of shape [n, {self.n_params}], got {phi.shape}")
+        return phi
+
+
+def fixed_grid_design(n: int, times: np.ndarray) -> Design:
+    """Design with the same observation grid for every individual (e.g. 180 time-lapse frames)."""
+    times = np.asarray(times, dtype=np.float64)
+    return {
+        "times": np.broadcast_to(times, (n, times.size)).copy(),
+        "mask": np.ones((n, times.size), dtype=bool),
+    }
+
+
+def take_design(design: Design, index: np.ndarray | slice) -> Design:
+    """Rows ``index`` of every design array (all design arrays have individuals on axis 0)."""
+    return {key: value[index] for key, value in design.items()}

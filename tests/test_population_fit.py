@@ -1,0 +1,283 @@
+"""Population models, the Monte-Carlo objective and the pyPESTO fit, checked against exact answers.
+
+Linear-Gaussian individual model: ybar_i | phi_i ~ N(phi_i, e2 I) (the sufficient statistic of m observations with
+noise sd s, e2 = s^2/m), broad prior phi ~ N(mu0, tau0^2). The posterior is Gaussian, so exact posterior draws are
+available, and under phi_i ~ N(beta + B x_i, Omega) the marginal ybar_i ~ N(beta + B x_i, Omega + e2 I) gives the exact
+MLE in closed form (equal designs) and the exact objective: J(theta) = -sum log N(ybar; ., Omega + e2) +
+sum log N(ybar; mu0, tau0^2 + e2).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import optimize, stats
+
+from amortized_nlme.fit import fit, hessian_fd, mc_standard_errors, reevaluate
+from amortized_nlme.model import NormalPrior
+from amortized_nlme.objective import DrawSet, PopulationObjective
+from amortized_nlme.population import PopulationModel, dummy_columns
+
+K = 2
+N = 200
+M = 2000
+S_NOISE, M_OBS = 0.5, 4
+E2 = S_NOISE**2 / M_OBS
+MU0 = np.zeros(K)
+TAU0 = np.full(K, 2.0)
+
+
+class CountingPrior(NormalPrior):
+    """NormalPrior that counts how often its density is evaluated (to prove draws are prepared once)."""
+
+    calls = 0
+
+    def log_prob(self, phi: np.ndarray) -> np.ndarray:
+        CountingPrior.calls += 1
+        return super().log_prob(phi)
+
+
+class LinearGaussian:
+    """Data, exact posterior draws and exact likelihood of the linear-Gaussian population problem."""
+
+    def __init__(self, seed: int = 1) -> None:
+        rng = np.random.default_rng(seed)
+        self.x = 0.5 * rng.standard_normal(N)
+        self.groups = np.where(rng.random(N) < 0.4, "g2", "g1")
+        beta = np.array([0.5, -1.0])
+        Om = np.array([[0.16, 0.6 * 0.4 * 0.6], [0.6 * 0.4 * 0.6, 0.36]])
+        phi = beta + 0.3 * self.x[:, None] * np.array([1.0, 0.0]) + rng.multivariate_normal(np.zeros(K), Om, N)
+        self.ybar = phi + np.sqrt(E2) * rng.standard_normal((N, K))
+        self.post_var = 1.0 / (1.0 / TAU0**2 + 1.0 / E2)
+        self.post_mean = self.post_var * (MU0 / TAU0**2 + self.ybar / E2)
+        self.prior = CountingPrior(("a", "b"), MU0, TAU0**2)
+
+    def draws(self, seed: int, M_draws: int = M) -> DrawSet:
+        g = np.random.default_rng(1000 + seed)
+        return DrawSet(self.post_mean[:, None, :] + np.sqrt(self.post_var) * g.standard_normal((N, M_draws, K)), self.prior)
+
+    def exact_nll_diag(self, theta: np.ndarray) -> float:
+        """Exact J for the diagonal model without covariates, theta = (beta, log omega)."""
+        b, om = theta[:K], np.exp(theta[K:])
+        return float(
+            -stats.norm.logpdf(self.ybar, b, np.sqrt(om**2 + E2)).sum()
+            + stats.norm.logpdf(self.ybar, MU0, np.sqrt(TAU0**2 + E2)).sum()
+        )
+
+    def exact_mle_diag(self) -> np.ndarray:
+        return np.r_[self.ybar.mean(0), 0.5 * np.log(self.ybar.var(0) - E2)]
+
+    def exact_profile_ci(self, p: int, level: float) -> tuple[float, float]:
+        """Exact profile-likelihood interval for theta[p] of the diagonal model (closed-form inner maximisation)."""
+        c = p % K
+        y = self.ybar[:, c]
+
+        def prof(v: float) -> float:
+            if p < K:  # beta fixed: omega^2 = mean((y - b)^2) - e2
+                var = max(np.mean((y - v) ** 2), E2 + 1e-12)
+                return float(-stats.norm.logpdf(y, v, np.sqrt(var)).sum())
+            return float(-stats.norm.logpdf(y, y.mean(), np.sqrt(np.exp(2 * v) + E2)).sum())
+
+        th = self.exact_mle_diag()[p]
+        fmin = prof(th)
+        q = stats.chi2.ppf(level, 1)
+        g = lambda v: 2 * (prof(v) - fmin) - q  # noqa: E731
+        return optimize.brentq(g, th - 2.0, th), optimize.brentq(g, th, th + 2.0)
+
+
+@pytest.fixture(scope="module")
+def lg() -> LinearGaussian:
+    return LinearGaussian()
+
+
+@pytest.fixture(scope="module")
+def lg_fit(lg: LinearGaussian):
+    ds = lg.draws(0)
+    fr = fit(PopulationModel(lg.prior), ds, n_starts=4, seed=3, profile=True)
+    mc_se, _ = mc_standard_errors(fr, lambda r: lg.draws(r + 1), n_sets=4)
+    return fr, mc_se
+
+
+# ---------------------------------------------------------------- (a) exact MLE, objective value, profile CIs
+def test_mle_matches_exact_within_mc_error(lg: LinearGaussian, lg_fit) -> None:
+    fr, mc_se = lg_fit
+    exact = lg.exact_mle_diag()
+    assert fr.n_converged == fr.n_starts
+    assert np.all(np.abs(fr.estimate - exact) < 5 * mc_se + 2e-3), (fr.estimate, exact, mc_se)
+    # the Monte-Carlo error is small compared with the statistical error
+    assert np.all(mc_se < 0.2 * fr.se)
+
+
+def test_objective_value_and_mc_se(lg: LinearGaussian, lg_fit) -> None:
+    fr, _ = lg_fit
+    d = fr.diagnostics
+    exact = lg.exact_nll_diag(fr.estimate)
+    assert abs(fr.fval - d.jensen_bias - exact) < 4 * d.mc_se, (fr.fval, exact, d.mc_se)
+    assert 0 < d.mc_se < 1.0
+    assert d.low_ess == [] and np.median(d.ess) > 500
+
+
+def test_profile_ci_match_exact_profiles(lg: LinearGaussian, lg_fit) -> None:
+    fr, mc_se = lg_fit
+    for level in (0.8, 0.9, 0.95):
+        ci = fr.profile_ci[level]
+        for p in range(2 * K):
+            lo, hi = lg.exact_profile_ci(p, level)
+            tol = 5 * mc_se[p] + 0.01 * (hi - lo) + 2e-3
+            assert abs(ci[p, 0] - lo) < tol and abs(ci[p, 1] - hi) < tol, (level, p, ci[p], (lo, hi), tol)
+    assert fr.result.profile_result.list[-1][0] is not None
+
+
+def test_reevaluate_on_fresh_larger_draws(lg: LinearGaussian, lg_fit) -> None:
+    fr, _ = lg_fit
+    re = reevaluate(fr, lg.draws(99, M_draws=4000))
+    assert re.diagnostics.mc_se < fr.diagnostics.mc_se
+    assert abs(re.fval - fr.fval) < 4 * np.hypot(re.diagnostics.mc_se, fr.diagnostics.mc_se)
+
+
+# ---------------------------------------------------------------- (d) Wald SE vs exact curvature
+def test_wald_se_matches_exact_curvature(lg: LinearGaussian, lg_fit) -> None:
+    fr, _ = lg_fit
+    th = lg.exact_mle_diag()
+    H = np.empty((2 * K, 2 * K))
+    for i in range(2 * K):  # exact function, 4th-order central differences of the exact likelihood
+        for j in range(2 * K):
+            h = 1e-3
+            ei, ej = np.eye(2 * K)[i] * h, np.eye(2 * K)[j] * h
+            H[i, j] = (
+                lg.exact_nll_diag(th + ei + ej) - lg.exact_nll_diag(th + ei - ej)
+                - lg.exact_nll_diag(th - ei + ej) + lg.exact_nll_diag(th - ei - ej)
+            ) / (4 * h * h)
+    se_exact = np.sqrt(np.diag(np.linalg.inv(H)))
+    np.testing.assert_allclose(fr.se, se_exact, rtol=0.05)
+    lo, hi = fr.wald_ci[0.95].T
+    np.testing.assert_allclose(hi - lo, 2 * 1.959964 * fr.se, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- (c) switching models on the same draws
+def test_switching_models_reuses_draws_and_matches_exact(lg: LinearGaussian) -> None:
+    calls0 = CountingPrior.calls
+    ds = lg.draws(7)
+    assert CountingPrior.calls == calls0 + 1
+    log_prior, phi_t = ds.log_prior, ds.phi_t
+    y = lg.ybar
+    diag = PopulationModel(lg.prior)
+    full = diag.replace(covariance="full")
+    cov = diag.replace(covariates={"a": ["x"]})
+    grp = diag.replace(group_specific=["b"], groups=["g1", "g2"])
+    fits = {}
+    for name, model in [("diag", diag), ("full", full), ("cov", cov), ("grp", grp)]:
+        fits[name] = fit(model, ds, covariates={"x": lg.x}, groups=lg.groups, n_starts=2, wald=False)
+        assert fits[name].objective.draws is ds
+    assert ds.log_prior is log_prior and ds.phi_t is phi_t
+    assert CountingPrior.calls == calls0 + 1 and ds.n_prior_evaluations == 1
+
+    tol = 0.02  # several Monte-Carlo SEs at N=200, M=2000 (see test_mle_matches_exact_within_mc_error)
+    # full Omega: ybar ~ N(beta, Omega + e2 I) -> Omega_hat = ML covariance of ybar - e2 I
+    C = np.cov(y, rowvar=False, bias=True) - E2 * np.eye(K)
+    np.testing.assert_allclose(fits["full"].estimate[:K], y.mean(0), atol=tol)
+    np.testing.assert_allclose(full.covariance_matrix(fits["full"].estimate), C, atol=tol)
+    corr = fits["full"].natural()["correlation"]["matrix"][0][1]
+    assert abs(corr - C[0, 1] / np.sqrt(C[0, 0] * C[1, 1])) < 0.05
+    # covariate on a (diagonal Omega): OLS is the exact MLE of the mean, omega^2 = residual variance - e2
+    X = np.c_[np.ones(N), lg.x]
+    coef = np.linalg.lstsq(X, y[:, 0], rcond=None)[0]
+    resid = np.c_[y[:, 0] - X @ coef, y[:, 1] - y[:, 1].mean()]
+    est = dict(zip(cov.parameter_names, fits["cov"].estimate))
+    assert abs(est["beta_a"] - coef[0]) < tol and abs(est["B_a_x"] - coef[1]) < 2 * tol
+    np.testing.assert_allclose(np.diag(cov.covariance_matrix(fits["cov"].estimate)), np.mean(resid**2, 0) - E2, atol=tol)
+    assert fits["cov"].fval < fits["diag"].fval and fits["full"].fval < fits["diag"].fval  # nested, same draws
+    # group-specific mean of b: per-group means
+    est = dict(zip(grp.parameter_names, fits["grp"].estimate))
+    for g in ("g1", "g2"):
+        assert abs(est[f"beta_b[{g}]"] - y[lg.groups == g, 1].mean()) < tol
+
+
+# ---------------------------------------------------------------- (b) analytic gradient vs finite differences
+def _variants(prior: NormalPrior) -> dict[str, PopulationModel]:
+    return {
+        "diagonal": PopulationModel(prior),
+        "full": PopulationModel(prior, covariance="full"),
+        "no_random_effect_diag": PopulationModel(prior, random_effects=["a", "c"], fixed_std={"b": 0.2, "d": 0.3}),
+        "no_random_effect_full": PopulationModel(prior, random_effects=["b", "c", "d"], covariance="full", fixed_std=0.25),
+        "covariates": PopulationModel(prior, covariance="full", covariates={"a": ["wt", "sex_M"], "c": ["wt"], "d": ["site_2"]}),
+        "groups": PopulationModel(prior, group_specific=["b", "d"], groups=["eGFP", "d2eGFP"], covariates={"b": ["wt"]}),
+        "groups_full_fixed": PopulationModel(
+            prior, group_specific=["a"], groups=["eGFP", "d2eGFP"], covariance="full", random_effects=["a", "b", "d"]
+        ),
+    }
+
+
+VARIANTS = ["diagonal", "full", "no_random_effect_diag", "no_random_effect_full", "covariates", "groups", "groups_full_fixed"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradient_matches_finite_differences(variant: str) -> None:
+    rng = np.random.default_rng(VARIANTS.index(variant))
+    k, n, m = 4, 30, 25
+    prior = NormalPrior(("a", "b", "c", "d"), np.array([0.0, -1.0, 1.0, 0.5]), np.array([1.0, 2.0, 0.5, 1.5]))
+    draws = prior.mean + 0.7 * prior.std * rng.standard_normal((n, 1, k)) + 0.3 * rng.standard_normal((n, m, k))
+    ds = DrawSet(draws, prior)
+    covs = {"wt": 0.3 * rng.standard_normal(n), **dummy_columns(rng.choice(["F", "M"], n), "sex"),
+            **dummy_columns(rng.integers(1, 4, n), "site", reference=1)}
+    groups = rng.choice(["eGFP", "d2eGFP"], n)
+    model = _variants(prior)[variant]
+    obj = PopulationObjective(model, ds, covs, groups)
+    lb, ub = model.init_bounds()
+    for _ in range(2):
+        th = rng.uniform(lb, ub)
+        f, g = obj.value_and_grad(th)
+        assert f == pytest.approx(obj.value(th), rel=1e-13)
+        fd = np.empty_like(th)
+        for i in range(th.size):
+            h = 1e-5 * max(1.0, abs(th[i]))
+            e = np.zeros_like(th)
+            e[i] = h
+            fd[i] = (obj.value(th + e) - obj.value(th - e)) / (2 * h)
+        np.testing.assert_allclose(g, fd, rtol=1e-5, atol=1e-5 * np.max(np.abs(g)))
+
+
+def test_hessian_fd_symmetric_positive_definite(lg: LinearGaussian, lg_fit) -> None:
+    fr, _ = lg_fit
+    H = hessian_fd(fr.objective, fr.estimate)
+    assert np.allclose(H, H.T) and np.all(np.linalg.eigvalsh(H) > 0)
+
+
+# ---------------------------------------------------------------- population model config and diagnostics
+def test_config_round_trip_and_toml(tmp_path) -> None:
+    prior = NormalPrior(("V", "CL", "ka"), np.zeros(3), np.ones(3))
+    toml = tmp_path / "pop.toml"
+    toml.write_text(
+        'random_effects = ["V", "CL"]\ncovariance = "full"\n'
+        '[covariates]\nV = ["wt"]\nCL = ["wt", "sex_F"]\n'
+        '[groups]\ncolumn = "study"\nlevels = ["A", "B"]\nspecific = ["ka"]\n'
+        "[fixed_std]\nka = 0.1\n"
+    )
+    model = PopulationModel.load(toml, prior)
+    assert model.parameter_names == (
+        "beta_V", "beta_CL", "beta_ka[A]", "beta_ka[B]", "B_V_wt", "B_CL_wt", "B_CL_sex_F",
+        "log_L_V", "L_CL_V", "log_L_CL",
+    )
+    assert model.group_column == "study" and model.fixed_std == {"ka": 0.1}
+    again = PopulationModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    assert again.parameter_names == model.parameter_names and again.to_dict() == model.to_dict()
+    lb, ub = model.bounds()
+    assert np.all(lb < ub)
+    with pytest.raises(ValueError, match="unknown population model options"):
+        PopulationModel.from_dict({"covariance": "full", "typo": 1}, prior)
+    with pytest.raises(ValueError, match="covariate columns"):
+        model.design(5, {}, ["A"] * 5)
+
+
+def test_low_ess_individuals_are_reported(lg: LinearGaussian) -> None:
+    model = PopulationModel(lg.prior)
+    obj = PopulationObjective(model, lg.draws(5, M_draws=50))
+    th = lg.exact_mle_diag()
+    th[K:] = np.log(0.02)  # population far narrower than the posteriors: weights degenerate
+    d = obj.diagnostics(th)
+    assert len(d.low_ess) > N // 2 and d.ess.min() < 5
+    transformed = model.transform(th)
+    assert transformed["omega_sd"]["a"] == pytest.approx(0.02)
+    assert transformed["natural_mean"]["a"] == pytest.approx(np.exp(th[0]))
