@@ -284,7 +284,7 @@ def run_inference(opts: InferenceOptions) -> Path:
     out = Path(opts.out or REPO / "results" / f"{ctx.model.name}-{Path(opts.data).name.split('.')[0]}")
     t0 = time.perf_counter()
     fr = fit(ctx.population, ctx.drawset, ctx.covariates, ctx.groups, n_starts=opts.n_starts, seed=opts.seed,
-             wald=True, profile=opts.profiles, progress_bar=False)
+             wald=True, profile=opts.profiles, progress_bar=True)
     ctx.timings["fit_s"] = time.perf_counter() - t0
     mc = {}
     if opts.mc_refits >= 2:

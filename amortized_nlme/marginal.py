@@ -258,13 +258,15 @@ class ImportanceSampler:
         self.log_w = np.log(np.array([self.M_q, self.M_p, self.M_t], dtype=np.float64) / n_draws,
                             where=np.array([True, True, self.M_t > 0]),
                             out=np.full(3, -np.inf))
-        self.phi_q = np.asarray(estimator.sample(self.observations, design, self.M_q, seed=self.seed), np.float64)
+        # seeds far from those of the caller's fitting draws (TrainedEstimator.sample uses seed + batch index)
+        self.phi_q = np.asarray(estimator.sample(self.observations, design, self.M_q, seed=self.seed + 100_003),
+                                np.float64)
         self.logq_q = self._log_q(self.phi_q)
         self.ll_q = individual_loglik(model, self.phi_q, self.observations, design)
         if self.M_t:
             if pilot_draws is None:
                 pilot_draws = estimator.sample(self.observations, design, max(200, min(1000, n_draws // 2)),
-                                               seed=self.seed + 7919)
+                                               seed=self.seed + 200_003)
             self._set_pilot(np.asarray(pilot_draws, dtype=np.float64))
         self.n_evaluations = 0
         logger.debug("importance sampler: %d individuals, %d draws (%d q, %d population, %d t)", self.n, self.M,

@@ -115,17 +115,17 @@ def format_estimates(fit: FitResult) -> str:
     def num(x: float, w: int = 9) -> str:
         return f"{x:>{w}.4g}" if np.isfinite(x) else " " * (w - 1) + "-"
 
-    head = f"{'parameter':<{width}}  {'estimate':>9}  {'natural':>9}  {'SE':>9}  {'95% CI':^21}  {'MC SE':>9}"
+    head = f"{'parameter':<{width}}  {'estimate':>9}  {'natural':>9}  {'SE':>9}  {'95% CI':^23}  {'MC SE':>9}"
     lines = [head, "-" * len(head)]
     for _, r in df.iterrows():
         lo = r["profile95_lo"] if r["ci95_method"] == "profile" else r["wald95_lo"]
         hi = r["profile95_hi"] if r["ci95_method"] == "profile" else r["wald95_hi"]
-        ci = f"[{num(lo)}, {num(hi)}]" if r["ci95_method"] else f"{'-':^21}"
-        tag = {"profile": " p", "wald": " w"}.get(r["ci95_method"], "  ")
+        tag = {"profile": " p", "wald": " w"}.get(r["ci95_method"], "")
+        ci = f"{f'[{lo:.4g}, {hi:.4g}]{tag}':<23}" if r["ci95_method"] else f"{'-':^23}"
         flag = " *" if r["at_bound"] else ""
-        lines.append(f"{r['name']:<{width}}  {num(r['estimate'])}  {num(r['natural'])}  {num(r['se'])}  {ci}{tag}"
+        lines.append(f"{r['name']:<{width}}  {num(r['estimate'])}  {num(r['natural'])}  {num(r['se'])}  {ci}"
                      f"  {num(r['mc_se'])}{flag}")
-    lines.append("95% CI: p = profile likelihood, w = Wald; natural = exp(estimate) for means, covariate effects and sds"
+    lines.append("95% CI: p = profile likelihood, w = Wald; natural = exp(estimate) for means, covariate effects, sds"
                  + ("; * = at a bound" if df["at_bound"].any() else ""))
     return "\n".join(lines)
 
@@ -199,7 +199,6 @@ def individual_frame(model: IndividualModel, draws: np.ndarray, ids: Sequence[st
                      ess: np.ndarray | None = None) -> pd.DataFrame:
     """Per individual: id, group, covariates, ESS at the estimate, and the posterior median and 90% interval of each
     log-parameter (columns ``log_<p>_median``, ``log_<p>_q05``, ``log_<p>_q95``)."""
-    n = draws.shape[0]
     cols: dict[str, Any] = {"id": [str(i) for i in ids]}
     if groups is not None:
         cols["group"] = np.asarray(groups).astype(str)
@@ -212,9 +211,7 @@ def individual_frame(model: IndividualModel, draws: np.ndarray, ids: Sequence[st
         cols[f"log_{name}_median"] = med[:, p]
         cols[f"log_{name}_q05"] = q05[:, p]
         cols[f"log_{name}_q95"] = q95[:, p]
-    df = pd.DataFrame(cols)
-    assert len(df) == n
-    return df
+    return pd.DataFrame(cols)
 
 
 # ============================================================================ population simulation and VPC
@@ -247,6 +244,7 @@ class VPCPanel:
     sim_lo: np.ndarray         # [B, Q]
     sim_median: np.ndarray     # [B, Q]
     sim_hi: np.ndarray         # [B, Q]
+    interval: float = 0.9
 
     def coverage(self, q_index: int | None = None) -> float:
         """Fraction of bins whose observed quantile lies in the simulated interval (the median by default)."""
@@ -291,6 +289,9 @@ def visual_predictive_check(
     rep_design = take_design(design, np.tile(sub, n_replicates))
     sim = model.simulate(phi.reshape(-1, population.k), rep_design, rng)
     sim = sim.reshape(n_replicates, m, *sim.shape[1:])
+    has_nan = bool(np.isnan(sim).any())
+    if has_nan:
+        logger.warning("VPC: %d simulated values are NaN (failed simulations); ignored", int(np.isnan(sim).sum()))
     obs = observations[sub]
     mask = np.asarray(design["mask"], dtype=bool)[sub]
     bins, reps = time_bins(np.asarray(design["times"], dtype=np.float64)[sub], mask)
@@ -317,10 +318,11 @@ def visual_predictive_check(
                 if c < 3:
                     continue
                 o[b] = np.quantile(obs_s[sel], qs)
-                sq = np.quantile(sim_s[:, sel], qs, axis=1)  # [Q, R]
+                vals = sim_s[:, sel]
+                sq = (np.nanquantile if has_nan else np.quantile)(vals, qs, axis=1)  # [Q, R]
                 lo[b], md[b], hi[b] = np.quantile(sq, [a, 0.5, 1.0 - a], axis=1)
             name = model.obs_names[j] if j < len(model.obs_names) else f"y{j}"
-            panels.append(VPCPanel(label, j, name, reps, counts, tuple(qs.tolist()), o, lo, md, hi))
+            panels.append(VPCPanel(label, j, name, reps, counts, tuple(qs.tolist()), o, lo, md, hi, interval))
     return panels
 
 
@@ -339,6 +341,12 @@ def _time_label(model: IndividualModel) -> str:
     return f"time [{unit}]" if unit else "time"
 
 
+def _tight(fig: Any) -> None:
+    """tight_layout unless the figure (made by pyPESTO) already has a layout engine."""
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
+
+
 def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
     cols = min(n, max_cols)
     return int(math.ceil(n / cols)), cols
@@ -352,7 +360,7 @@ def plot_waterfall(fit: FitResult, path: Path) -> None:
     ax = pypesto.visualize.waterfall(fit.result, size=(8, 5))
     ax.set_title(f"Multistart: {fit.n_converged} of {fit.n_starts} starts converged to the best objective")
     fig = ax.get_figure()
-    fig.tight_layout()
+    _tight(fig)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -366,16 +374,27 @@ def plot_profiles(fit: FitResult, path: Path) -> bool:
     if not indices:
         return False
     plt = _pyplot()
+    import pypesto.profile
     import pypesto.visualize
+    from matplotlib.ticker import MaxNLocator
 
     rows, cols = _grid(len(indices))
     axes = pypesto.visualize.profiles(fit.result, profile_indices=indices, profile_list_ids=len(plist) - 1,
-                                      size=(3.6 * cols, 3.0 * rows),
+                                      size=(max(6.0, 3.6 * cols), 3.2 * rows + 0.6),
                                       x_labels=[fit.parameter_names[i] for i in indices])
     axes = np.atleast_1d(axes)
+    for ax in axes.flat:
+        if not ax.has_data():
+            continue
+        ax.xaxis.set_major_locator(MaxNLocator(4))
+        for level in sorted(fit.profile_ci):
+            ax.axhline(float(pypesto.profile.chi2_quantile_to_ratio(level)), color="0.5", ls=":", lw=0.8)
+    axes.flat[0].set_ylabel("likelihood ratio")
     fig = axes.flat[0].get_figure()
-    fig.suptitle("Profile likelihoods (likelihood ratio; log/unconstrained scale)")
-    fig.tight_layout()
+    levels = ", ".join(f"{_level_tag(lv)}%" for lv in sorted(fit.profile_ci))
+    fig.suptitle("Profile likelihoods (log/unconstrained scale)" + (f"\ndotted: {levels} thresholds" if levels else ""),
+                 fontsize=10)
+    _tight(fig)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
@@ -395,6 +414,27 @@ def _pick_individuals(n: int, groups: np.ndarray | None, k: int, rng: np.random.
     return np.array(out, dtype=np.int64)
 
 
+def _prediction_design(design: Design, n_points: int = 120, dense_enough: int = 60) -> Design:
+    """Design for smooth prediction curves: each individual's observation times when there are at least
+    ``dense_enough`` (or when another design entry is laid out per time point and so cannot be regridded), else
+    ``n_points`` equally spaced times over the observed range, the other (per-individual) design entries unchanged."""
+    times = np.asarray(design["times"], dtype=np.float64)
+    mask = np.asarray(design["mask"], dtype=bool)
+    T = times.shape[1]
+    per_time = [key for key, v in design.items() if key not in ("times", "mask") and np.ndim(v) >= 2
+                and np.shape(v)[1] == T]
+    if per_time or mask.sum(axis=1).min() >= dense_enough:
+        return design
+    grid = np.empty((times.shape[0], n_points))
+    for i in range(times.shape[0]):
+        t = times[i, mask[i]]
+        grid[i] = np.linspace(t.min(), t.max(), n_points) if t.size else 0.0
+    out = dict(design)
+    out["times"] = grid
+    out["mask"] = np.ones_like(grid, dtype=bool)
+    return out
+
+
 def plot_individual_fits(model: IndividualModel, observations: np.ndarray, design: Design, draws: np.ndarray,
                          ids: Sequence[str], groups: np.ndarray | None, path: Path, rng: np.random.Generator,
                          n_panels: int = N_INDIVIDUAL_FITS, n_draws: int = N_FIT_DRAWS) -> None:
@@ -406,7 +446,8 @@ def plot_individual_fits(model: IndividualModel, observations: np.ndarray, desig
     S = min(n_draws, M)
     didx = np.stack([rng.choice(M, size=S, replace=False) for _ in pick])
     phi = draws[pick[:, None], didx].reshape(-1, k)
-    pred = model.predict(phi, take_design(design, np.repeat(pick, S)))
+    pdesign = _prediction_design(take_design(design, pick))
+    pred = model.predict(phi, take_design(pdesign, np.repeat(np.arange(pick.size), S)))
     pred = pred.reshape(pick.size, S, *pred.shape[1:])
     lo, med, hi = np.quantile(pred, [0.05, 0.5, 0.95], axis=1)
     rows, cols = _grid(pick.size)
@@ -416,15 +457,17 @@ def plot_individual_fits(model: IndividualModel, observations: np.ndarray, desig
     for a, (ax, i) in enumerate(zip(axes.flat, pick)):
         msk = np.asarray(design["mask"][i], dtype=bool)
         t = np.asarray(design["times"][i], dtype=np.float64)[msk]
-        order = np.argsort(t)
-        t = t[order]
+        pm = np.asarray(pdesign["mask"][a], dtype=bool)
+        tp = np.asarray(pdesign["times"][a], dtype=np.float64)[pm]
+        order = np.argsort(tp)
+        tp = tp[order]
         for j in range(d):
             c = colors[j % len(colors)]
             lbl = model.obs_names[j] if j < len(model.obs_names) else f"y{j}"
-            ax.fill_between(t, lo[a, msk, j][order], hi[a, msk, j][order], color=c, alpha=0.3, lw=0,
+            ax.fill_between(tp, lo[a, pm, j][order], hi[a, pm, j][order], color=c, alpha=0.3, lw=0,
                             label="90% posterior band" if j == 0 else None)
-            ax.plot(t, med[a, msk, j][order], color=c, lw=1.5, label="posterior median" if j == 0 else None)
-            ax.plot(t, observations[i, msk, j][order], "o", ms=2.2, color="k" if d == 1 else c, alpha=0.7,
+            ax.plot(tp, med[a, pm, j][order], color=c, lw=1.5, label="posterior median" if j == 0 else None)
+            ax.plot(t, observations[i, msk, j], "o", ms=2.2, color="k" if d == 1 else c, alpha=0.7,
                     label=("observed" if d == 1 else lbl))
         title = str(ids[i]) + (f" ({np.asarray(groups)[i]})" if groups is not None else "")
         ax.set_title(title, fontsize=9)
@@ -447,26 +490,30 @@ def plot_vpc(panels: list[VPCPanel], model: IndividualModel, path: Path, n_repli
     plt = _pyplot()
     strata = sorted({p.stratum for p in panels}, key=lambda s: [p.stratum for p in panels].index(s))
     n_obs = max(p.obs_index for p in panels) + 1
-    fig, axes = plt.subplots(n_obs, len(strata), figsize=(4.8 * len(strata), 3.6 * n_obs), squeeze=False,
+    fig, axes = plt.subplots(n_obs, len(strata), figsize=(max(8.0, 4.8 * len(strata)), 3.8 * n_obs), squeeze=False,
                              sharey="row")
     for p in panels:
         ax = axes[p.obs_index, strata.index(p.stratum)]
         ok = np.isfinite(p.observed[:, 0])
         t = p.times[ok]
+        i_mid = int(np.argmin(np.abs(np.asarray(p.quantiles) - 0.5)))
+        outer = " and ".join(f"{int(round(qv * 100))}%" for q, qv in enumerate(p.quantiles) if q != i_mid)
+        first_outer = min((q for q in range(len(p.quantiles)) if q != i_mid), default=-1)
         for q, qv in enumerate(p.quantiles):
-            mid = abs(qv - 0.5) < 1e-9
-            color = "tab:red" if mid else "tab:blue"
-            ax.fill_between(t, p.sim_lo[ok, q], p.sim_hi[ok, q], color=color, alpha=0.25 if mid else 0.2, lw=0,
-                            label=(f"simulated 90% interval of the {int(round(qv * 100))}% quantile"
-                                   if q in (0, int(np.argmin(np.abs(np.asarray(p.quantiles) - 0.5)))) else None))
+            mid = q == i_mid
+            name = f"{int(round(qv * 100))}% quantile" if mid else f"{outer} quantiles"
+            show = mid or q == first_outer
+            band = f"simulated {p.interval:.0%} interval, {name}" if show else None
+            ax.fill_between(t, p.sim_lo[ok, q], p.sim_hi[ok, q], color="tab:red" if mid else "tab:blue",
+                            alpha=0.25 if mid else 0.2, lw=0, label=band)
             ax.plot(t, p.observed[ok, q], color="k", lw=1.6 if mid else 1.0, ls="-" if mid else "--",
-                    label=(f"observed {int(round(qv * 100))}% quantile" if q < 2 else None))
+                    label=f"observed {name}" if show else None)
         ax.set_title(f"{p.stratum}" if p.stratum != "all" else "all individuals", fontsize=10)
         ax.set_xlabel(_time_label(model))
         ax.set_ylabel(p.obs_name)
     axes.flat[0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"Visual predictive check: {n_replicates} replicate populations of {n_individuals} individuals "
-                 "from the fitted population model")
+    fig.suptitle(f"Visual predictive check\n{n_replicates} replicate populations of {n_individuals} individuals "
+                 "simulated from the fitted population model", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -504,7 +551,8 @@ def plot_parameter_distributions(fit: FitResult, draws: np.ndarray, covariates: 
             ax.set_ylim(0, 1.3 * max(h.max(), 1e-12))
         ax.set_xlabel(f"log {name}")
         ax.set_ylabel("density")
-        ax.legend(fontsize=7, loc="best")
+        if p == 0 or not random:
+            ax.legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[k:]:
         ax.axis("off")
     fig.suptitle("Individual parameters: posterior medians (include estimation noise) vs fitted population")
@@ -595,6 +643,9 @@ def _atomic_directory(out_dir: Path) -> Iterator[Path]:
     and ``out_dir`` (new or pre-existing) is untouched."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the results folder gets ordinary permissions
     try:
         yield tmp
     except BaseException:

@@ -126,11 +126,13 @@ class SelectionResult:
         }
 
     def markdown(self, top: int = 10) -> str:
-        """Table of the best ``top`` models (relative BICc for all, absolute numbers where computed)."""
+        """Table of the best ``top`` models and of every model with absolute (importance-sampling) numbers."""
         best = self.ranked()[0].bicc_rel
         lines = ["| rank | relations | #theta | ΔBICc (objective) | -2LL (IS) | BICc (IS) |",
                  "|---:|---|---:|---:|---:|---:|"]
-        for r, v in enumerate(self.ranked()[:top], 1):
+        for r, v in enumerate(self.ranked(), 1):
+            if r > top and v.marginal is None:
+                continue
             m2ll = bicc = ""
             if v.marginal is not None:
                 m2ll = f"{v.marginal.minus2ll:.2f} ± {v.marginal.minus2ll_se:.2f}"
@@ -358,6 +360,8 @@ def plot_selection(result: SelectionResult, path: str | Path) -> Path:
     y = np.arange(len(ranked))[::-1]
     ax2.barh(y, [v.bicc_rel - best for v in ranked],
              color=["red" if v is result.selected else "tab:blue" for v in ranked])
+    ax2.scatter([v.bicc_rel - best for v in ranked], y, s=12,
+                c=["red" if v is result.selected else "tab:blue" for v in ranked], zorder=3)
     ax2.set_yticks(y, [v.label for v in ranked], fontsize=7)
     ax2.set_xlabel("ΔBICc")
     ax2.set_title("best models")
@@ -406,7 +410,7 @@ def run_selection_cli(args: Any) -> int:
     ctx = prepare_inference(opts)
     n_obs = count_observations(ctx.observations, ctx.design)
     sampler = ImportanceSampler(ctx.model, ctx.estimator, ctx.observations, ctx.design,
-                                n_draws=max(1000, ctx.drawset.M), pilot_draws=ctx.drawset.draws, seed=args.seed + 1)
+                                n_draws=max(1000, ctx.drawset.M), pilot_draws=ctx.drawset.draws, seed=args.seed)
     result = select_covariates(ctx.population, ctx.drawset, ctx.covariates, args.covariates, n_obs,
                                parameters=args.parameters, groups=ctx.groups, strategy=args.strategy,
                                seed=args.seed, sampler=sampler)

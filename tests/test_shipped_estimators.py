@@ -1,0 +1,51 @@
+"""The estimators shipped in trained_models/: they load for their simulator, sample, and stay calibrated on fresh
+simulations (a quick version of `make check`, with fewer simulations than the full check recorded in meta.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from amortized_nlme.diagnostics import ecdf_band_check, interval_coverage, randomized_ranks
+from amortized_nlme.estimator import TrainedEstimator
+from amortized_nlme.simulate import simulate_batch
+from simulators import get_model
+
+TRAINED = Path(__file__).resolve().parent.parent / "trained_models"
+REQUIRED = ["mrna_simple", "pk_oral_1cmt"]
+SHIPPED = sorted(p.name for p in TRAINED.iterdir() if (p / "meta.json").exists()) if TRAINED.exists() else []
+
+
+def test_required_estimators_are_shipped() -> None:
+    assert set(REQUIRED) <= set(SHIPPED), f"missing trained estimators: {set(REQUIRED) - set(SHIPPED)}"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_meta_records_a_passed_full_check(name: str) -> None:
+    meta = json.loads((TRAINED / name / "meta.json").read_text())
+    diag = meta["diagnostics"]
+    assert diag["n_simulations"] >= 1000
+    assert diag["passed"], f"{name}: ECDF outside the 95% band for " \
+        f"{[p for p, ok in diag['ecdf_inside_95_band'].items() if not ok]}"
+    assert meta["training"]["train_time_s"] > 0
+    for plot in diag["plots"]:
+        assert (TRAINED / name / plot).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_quick_calibration_on_fresh_simulations(name: str) -> None:
+    meta = json.loads((TRAINED / name / "meta.json").read_text())
+    model = get_model(meta["workflow"]["model"], **meta["workflow"]["model_options"])
+    est = TrainedEstimator.load(TRAINED / name, model)
+    rng = np.random.default_rng(4242)  # not the training or the full-check seeds
+    truth, obs, design = simulate_batch(model, 300, rng)
+    draws = est.sample(obs, design, 300, seed=5)
+    assert draws.shape == (300, 300, model.n_params)
+    ranks = randomized_ranks(draws, truth, rng)
+    band = ecdf_band_check(ranks)
+    assert all(band["inside_band"]), dict(zip(model.param_names, band["max_excursion"]))
+    cov = interval_coverage(draws, truth, 0.9)
+    assert np.all(np.abs(cov - 0.9) < 0.07), dict(zip(model.param_names, cov))
