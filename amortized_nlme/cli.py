@@ -91,7 +91,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     opts = InferenceOptions(
         model=args.model, data=args.data, population=args.pop, estimator=args.estimator, out=args.out,
         config=args.config, n_draws=args.draws, n_starts=args.starts, profiles=not args.no_profiles,
-        seed=args.seed, groups=args.groups, max_individuals=args.max_individuals, mc_refits=args.mc_refits)
+        seed=args.seed, groups=args.groups, max_individuals=args.max_individuals, mc_refits=args.mc_refits,
+        marginal=args.marginal, profile_parameters=args.profile)
     out = run_inference(opts)
     print(out)
     return 0
@@ -152,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", nargs="*", help="only these groups (e.g. eGFP d2eGFP)")
     p.add_argument("--max-individuals", type=int, help="random subset of this many individuals")
     p.add_argument("--mc-refits", type=int, default=3, help="refits on independent draw sets for the MC error")
+    p.add_argument("--profile", nargs="+", metavar="PARAM", help="profile only these population parameters")
+    p.add_argument("--marginal", choices=["auto", "on", "off"], default="auto",
+                   help="-2LL/AIC/BIC/BICc by importance sampling (auto: on unless the data set is large)")
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("select-covariates", help="covariate selection by BICc, every fit on the same draws")
@@ -179,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as exc:
+        if args.verbose:
+            raise
         print(f"amortized-nlme {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

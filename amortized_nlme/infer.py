@@ -55,6 +55,8 @@ class InferenceOptions:
     max_individuals: int | None = None
     mc_refits: int = 3
     cache_dir: str | None = None
+    marginal: str = "auto"  # importance-sampling -2LL/AIC/BIC/BICc: "on", "off", or "auto" (on for small data)
+    profile_parameters: list[str] | None = None
 
 
 @dataclass
@@ -283,8 +285,15 @@ def run_inference(opts: InferenceOptions) -> Path:
     ctx = prepare_inference(opts)
     out = Path(opts.out or REPO / "results" / f"{ctx.model.name}-{Path(opts.data).name.split('.')[0]}")
     t0 = time.perf_counter()
+    profile: bool | list[int] = opts.profiles
+    if opts.profiles and opts.profile_parameters:
+        names = list(ctx.population.parameter_names)
+        unknown = [p for p in opts.profile_parameters if p not in names]
+        if unknown:
+            raise ConfigError(f"--profile: unknown population parameters {unknown}; they are {names}")
+        profile = [names.index(p) for p in opts.profile_parameters]
     fr = fit(ctx.population, ctx.drawset, ctx.covariates, ctx.groups, n_starts=opts.n_starts, seed=opts.seed,
-             wald=True, profile=opts.profiles, progress_bar=True)
+             wald=True, profile=profile, progress_bar=True)
     ctx.timings["fit_s"] = time.perf_counter() - t0
     mc = {}
     if opts.mc_refits >= 2:
@@ -301,6 +310,7 @@ def run_inference(opts: InferenceOptions) -> Path:
             logger.warning("Monte-Carlo error is large against the statistical error (max ratio %.2f): rerun with "
                            "more --draws", np.nanmax(ratio))
         ctx.timings["mc_refits_s"] = time.perf_counter() - t1
+    selection = marginal_likelihood_summary(ctx, fr, opts)
     inputs = {
         "command": " ".join(sys.argv),
         "options": asdict(opts),
@@ -315,14 +325,51 @@ def run_inference(opts: InferenceOptions) -> Path:
         "package_versions": _versions(),
         "platform": platform.platform(),
     }
-    extra = {"monte_carlo": mc, "timings_s": {k: round(v, 2) for k, v in ctx.timings.items()}}
+    extra = {"monte_carlo": mc, "model_selection": selection,
+             "timings_s": {k: round(v, 2) for k, v in ctx.timings.items()}}
     write_results(out, fit=fr, model=ctx.model, observations=ctx.observations, design=ctx.design, draws=ctx.draws,
                   ids=list(ctx.dataset.ids), covariates=ctx.covariates, groups=ctx.groups, inputs=inputs, extra=extra,
                   seed=opts.seed)
     print(format_estimates(fr))
+    if selection.get("computed"):
+        print(f"-2LL {selection['minus2ll']:.2f} (MC SE {selection['minus2ll_se']:.2f}), AIC {selection['aic']:.2f}, "
+              f"BIC {selection['bic']:.2f}, BICc {selection['bicc']:.2f} (importance sampling)")
     logger.info("results written to %s (sampling %.1f s, fit %.1f s)", out, ctx.timings.get("posterior_draws_s", 0),
                 ctx.timings["fit_s"])
     return out
+
+
+#: "auto" computes the marginal likelihood when individuals x importance draws stay below this
+MARGINAL_AUTO_LIMIT = 2_000_000
+
+
+def marginal_likelihood_summary(ctx: InferenceContext, fr, opts: InferenceOptions) -> dict[str, Any]:
+    """-2LL, AIC, BIC and BICc by importance sampling at the estimate (comparable with NONMEM/Monolix/saemix), or
+    the reason it was skipped."""
+    from amortized_nlme.marginal import ImportanceSampler, count_observations
+
+    n_is = max(1000, ctx.drawset.M)
+    if opts.marginal == "off":
+        return {"computed": False, "reason": "--marginal off"}
+    if opts.marginal == "auto" and ctx.dataset.n_individuals * n_is > MARGINAL_AUTO_LIMIT:
+        logger.info("importance-sampling likelihood skipped for %d individuals (use --marginal on)",
+                    ctx.dataset.n_individuals)
+        return {"computed": False, "reason": f"{ctx.dataset.n_individuals} individuals x {n_is} draws is above the "
+                                             "automatic limit; rerun with --marginal on"}
+    try:
+        ctx.model.log_likelihood(ctx.drawset.draws[:1, 0], ctx.observations[:1], {k: v[:1] for k, v in
+                                                                               ctx.design.items()})
+    except NotImplementedError:
+        return {"computed": False, "reason": f"{ctx.model.name} has no tractable individual likelihood"}
+    t0 = time.perf_counter()
+    sampler = ImportanceSampler(ctx.model, ctx.estimator, ctx.observations, ctx.design, n_draws=n_is,
+                                pilot_draws=ctx.drawset.draws, seed=opts.seed)
+    ml = sampler.evaluate(fr.model, fr.estimate, ctx.covariates, ctx.groups)
+    n_obs = count_observations(ctx.observations, ctx.design)
+    ctx.timings["marginal_likelihood_s"] = time.perf_counter() - t0
+    logger.info("-2LL %.2f (MC SE %.2f) by importance sampling with %d draws per individual", ml.minus2ll,
+                ml.minus2ll_se, n_is)
+    return {"computed": True, "n_observations": n_obs, **ml.summary()}
 
 
 def _versions() -> dict[str, str]:

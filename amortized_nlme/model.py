@@ -99,6 +99,8 @@ class IndividualModel(ABC):
     obs_names: tuple[str, ...] = ("y",)
     #: maximum number of time points ``T`` after padding
     max_time_points: int = 0
+    #: unit of the design times, for plot labels
+    time_unit: str = ""
 
     @property
     @abstractmethod

@@ -116,6 +116,7 @@ class MrnaDetailed(IndividualModel):
                    "offset", "sigma")
     obs_names = ("log_fluorescence",)
     max_time_points = TIME_GRID.size
+    time_unit = "h"
 
     # Normal(mean, VARIANCE) on the log scale (Arruda et al. 2024, detailed model)
     _PRIOR = NormalPrior(param_names,

@@ -69,6 +69,7 @@ class MrnaSDE(IndividualModel):
     param_names = ("delta", "gamma", "k", "m0", "scale", "t0", "offset", "sigma")
     obs_names = ("log_fluorescence",)
     max_time_points = TIME_GRID.size
+    time_unit = "h"
 
     # Normal(mean, VARIANCE) on the log scale
     _PRIOR = NormalPrior(param_names, np.array([-3.0, -3.0, -1.0, 5.0, 0.0, 0.0, 1.0, -1.0]),

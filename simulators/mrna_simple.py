@@ -59,6 +59,7 @@ class MrnaSimple(IndividualModel):
     param_names = ("delta", "gamma", "kms", "t0", "offset", "sigma")
     obs_names = ("log_fluorescence",)
     max_time_points = TIME_GRID.size
+    time_unit = "h"
 
     _PRIOR = NormalPrior(param_names, np.array([-3.0, -3.0, 5.0, 0.0, 1.0, -1.0]),
                          np.array([5.0, 5.0, 11.0, 2.0, 6.0, 2.0]))

@@ -75,6 +75,7 @@ class PkOral1Cmt(IndividualModel):
     param_names: tuple[str, ...] = ("ka", "ke", "V", "sigma_add")
     obs_names = ("concentration",)
     max_time_points = MAX_OBS
+    time_unit = "h"
 
     def __init__(self, error_model: str = "additive") -> None:
         if error_model not in ("additive", "combined"):

@@ -45,8 +45,9 @@ REPO = pt.REPO
 THEO_CSV = REPO / "amortized_nlme" / "example_data" / "theo_saemix.csv"
 README = REPO / "benchmarks" / "README.md"
 SECTION = "## Side by side with R nlme and SAEM"
-TOOLS = ("ours", "nlme", "saem")
-LABELS = {"ours": "amortized-nlme", "nlme": "R nlme (LB)", "saem": "SAEM (pynlme)"}
+TOOLS = ("ours", "nlme", "saem", "nuts")
+DEFAULT_TOOLS = ("ours", "nlme", "saem")
+LABELS = {"ours": "amortized-nlme", "nlme": "R nlme (LB)", "saem": "SAEM (pynlme)", "nuts": "NumPyro NUTS"}
 logger = logging.getLogger("peers")
 
 
@@ -56,7 +57,8 @@ logger = logging.getLogger("peers")
 
 def ensure_setup(tools: list[str], allow: bool) -> None:
     """Run ``setup.sh`` when a requested peer tool is missing (and ``allow``)."""
-    missing = ("nlme" in tools and not pt.r_status()[0]) or ("saem" in tools and not pt.pynlme_status()[0])
+    missing = (("nlme" in tools and not pt.r_status()[0]) or ("saem" in tools and not pt.pynlme_status()[0])
+               or ("nuts" in tools and not pt.nuts_status()[0]))
     if missing and allow:
         logger.info("installing missing peer tools with setup.sh")
         subprocess.run(["bash", str(HERE / "setup.sh"), sys.executable], cwd=REPO, check=False)
@@ -76,8 +78,8 @@ def fit_all(name: str, data_csv: Path, tools: list[str], work: Path, estimator: 
                 rec = pt.run_python_worker("ours", data_csv, w, timeout_s, estimator=estimator)
         elif tool == "nlme":
             rec = pt.run_nlme(data_csv, w, timeout_s)
-        elif tool == "saem":
-            rec = pt.run_python_worker("saem", data_csv, w, timeout_s)
+        elif tool in ("saem", "nuts"):
+            rec = pt.run_python_worker(tool, data_csv, w, timeout_s)
         else:
             raise ValueError(f"unknown tool {tool!r} (choose from {TOOLS})")
         logger.info("[%s] %s: %s, fit %s s, process %s s %s", name, tool, "ok" if rec.ok else "FAILED",
@@ -116,6 +118,17 @@ def tiny_estimator(out: Path) -> Path:
 # results file, table, plots
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (platform.processor() is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def load_results(path: Path, fresh: bool) -> dict[str, Any]:
     if fresh or not path.exists():
         return {"datasets": {}}
@@ -141,13 +154,26 @@ def _wall(rec: dict[str, Any]) -> float | None:
     return rec.get("fit_s")
 
 
+SYMBOL = {"beta_ka": "ka", "beta_ke": "ke", "beta_V": "V", "omega_ka": "ω_ka", "omega_ke": "ω_ke", "omega_V": "ω_V",
+          "sigma": "σ"}
+
+
+def _coverage_cell(s: dict[str, Any]) -> str:
+    """"k/m", plus the quantities whose interval misses the truth."""
+    cov = s.get("coverage")
+    if not cov or not cov[1]:
+        return "–"
+    missed = [SYMBOL[q] for q, v in s.get("ci_covers_truth", {}).items() if v is False]
+    return f"{cov[0]}/{cov[1]}" + (f" (misses {', '.join(missed)})" if missed else "")
+
+
 def simulation_table(results: dict[str, Any]) -> str:
     """Markdown table of every simulated data set and tool."""
     t = pt.TRUTH
-    head = ("| n | tool | fit time (s) | + training (s) | ka | ke | V | ω_ka | ω_ke | ω_V | σ | RMS log-error vs truth "
-            "| vs sample stats | 95% CIs covering truth |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-            "---:|---:|")
-    lines = [head, "| | **truth** | | | " + " | ".join(_fmt(math.exp(t[q]) if q.startswith("beta_") else t[q])
+    head = ("| n | tool | fit time (s) | of which draws / population fit (s) | + training (s) | ka | ke | V | ω_ka | ω_ke "
+            "| ω_V | σ | RMS log-error vs truth | vs sample stats | 95% CIs covering truth |\n"
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head, "| | **truth** | | | | " + " | ".join(_fmt(math.exp(t[q]) if q.startswith("beta_") else t[q])
                                                        for q in pt.QUANTITIES) + " | | | |"]
     train_s = results.get("ours_train_time_s")
     sims = sorted((d for d in results["datasets"].values() if d["kind"] == "simulated"), key=lambda d: d["n"])
@@ -159,17 +185,21 @@ def simulation_table(results: dict[str, Any]) -> str:
             label = LABELS[tool]
             if not rec["available"] or not rec["ok"]:
                 why = "not available" if not rec["available"] else "failed"
-                lines.append(f"| {d['n']:,} | {label} | {why}: {rec['message'][:120]} |" + " |" * 11)
+                lines.append(f"| {d['n']:,} | {label} | {why}: {rec['message'][:120]} |" + " |" * 12)
                 continue
             s = rec.get("score", {})
             cov = s.get("coverage")
             plus = _fmt(rec["fit_s"] + train_s, 3) if tool == "ours" and train_s is not None else ""
             conv = "" if rec.get("converged") in (None, True) else " (not converged)"
+            parts = ""
+            if tool == "ours":
+                tm = rec.get("details", {}).get("timings_s", {})
+                parts = f"{_fmt(tm.get('posterior_draws_s'))} / {_fmt(tm.get('fit_s'))}"
             lines.append(
-                f"| {d['n']:,} | {label}{conv} | {_fmt(rec['fit_s'])} | {plus} | "
+                f"| {d['n']:,} | {label}{conv} | {_fmt(rec['fit_s'])} | {parts} | {plus} | "
                 + " | ".join(_fmt(_natural(rec, q)) for q in pt.QUANTITIES)
                 + f" | {_fmt(s.get('rms_vs_truth'), 2)} | {_fmt(s.get('rms_vs_sample'), 2)} | "
-                + (f"{cov[0]}/{cov[1]}" if cov and cov[1] else "–") + " |")
+                + _coverage_cell(s) + " |")
     return "\n".join(lines)
 
 
@@ -209,7 +239,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     sims = sorted((d for d in results["datasets"].values() if d["kind"] == "simulated"), key=lambda d: d["n"])
-    colors = {"ours": "C0", "nlme": "C1", "saem": "C2"}
+    colors = {"ours": "C0", "nlme": "C1", "saem": "C2", "nuts": "C3"}
     series: dict[str, list[tuple[int, dict[str, Any]]]] = {t: [] for t in TOOLS}
     for d in sims:
         for tool, rec in d["fits"].items():
@@ -283,6 +313,10 @@ time, each in its own process:
   (lKa, lKe, lV) with lCl = lV + lKe (SSfol's analytic gradient, chained), so that `pdDiag(lKa + lKe + lV ~ 1)` is
   exactly our population model; start from SSfol's self-start on the pooled data. Fit time (R's own clock) includes
   the self-start, `nlme()` and `intervals()` (95% CIs for fixed effects, random-effect sds and sigma).
+- **NumPyro NUTS** (opt-in, `--tools ... nuts`, up to `--nuts-max-n` = 100 individuals; {env.get('numpyro', '')}):
+  full Bayes, non-centred, the estimator's training prior N(prior mean, 1) on the typical log-values, half-normal(1)
+  on omegas and sigma, 2 chains × (500 warm-up + 500 draws); posterior medians and 95% equal-tailed credible
+  intervals. Fit time: `mcmc.run` including JAX compilation.
 - **SAEM** ({env.get('pynlme', 'pynlme not available')}, a reimplementation of saemix/nlmefitsa; MIT) with saemix's
   defaults (300 + 100 iterations, one chain), start ka 1, ke 0.1, V 30; Wald CIs for the typical values from the
   linearised Fisher information. pynlme gives no standard errors for omega and sigma, so its coverage counts 3
@@ -306,8 +340,48 @@ Estimator: `{est.get('path', '?')}`{tiny}. Machine: {env.get('machine', '?')}; r
 ### Theophylline (12 subjects, `theo_saemix.csv`), no covariates
 
 Natural-scale estimates with 95% CIs (typical values exponentiated from the log-scale interval).
+
 {theophylline_table(results)}
+
+### Reading it
+
+{findings(results)}
+
+This model is closed-form: one evaluation of an individual's curve costs nanoseconds, which is the setting where
+the classical tools are at their fastest (nlme's linearisation and SAEM's MCMC call the model many thousands of times
+per individual). The amortized method does not evaluate the model at inference time at all, so its advantage grows
+with the cost of one individual solve (stiff ODEs, SDEs): the paper reports 229 s per start at 10,000 cells for its
+code against 22,134 s for Monolix SAEM on the simple mRNA model. That comparison (item 4 of the issue) is not run
+here.
 """
+
+
+def _ratio(x: float) -> str:
+    return f"{x:,.0f}×" if x >= 10 else f"{x:.2g}×"
+
+
+def findings(results: dict[str, Any]) -> str:
+    """Computed statements: time ratios and errors at the largest population every tool fitted."""
+    sims = sorted((d for d in results["datasets"].values() if d["kind"] == "simulated"), key=lambda d: d["n"])
+    out = []
+    for d in sims:
+        ok = {t: r for t, r in d["fits"].items() if r["available"] and r["ok"]}
+        if "ours" not in ok or len(ok) < 2:
+            continue
+        ours = ok["ours"]
+        parts = []
+        for t, r in ok.items():
+            if t == "ours" or not r.get("fit_s"):
+                continue
+            parts.append(f"{LABELS[t]} {_fmt(r['fit_s'])} s (amortized-nlme / {LABELS[t]}: "
+                         f"{_ratio(ours['fit_s'] / r['fit_s'])}; RMS error vs truth {_fmt(r['score'].get('rms_vs_truth'), 2)})")
+        out.append(f"- n = {d['n']:,}: amortized-nlme {_fmt(ours['fit_s'])} s (RMS error vs truth "
+                   f"{_fmt(ours['score'].get('rms_vs_truth'), 2)}); " + "; ".join(parts) + ".")
+    for d in sims:
+        missing = [f"{LABELS[t]}: {r['message'][:200]}" for t, r in d["fits"].items() if not (r["available"] and r["ok"])]
+        if missing:
+            out.append(f"- n = {d['n']:,}, not fitted: " + "; ".join(missing) + ".")
+    return "\n".join(out) if out else "(no simulated data set with amortized-nlme and a peer)"
 
 
 def write_readme(section: str) -> None:
@@ -333,8 +407,10 @@ def worker(args: argparse.Namespace) -> int:
     data, work, record = Path(args.data), Path(args.work), Path(args.record)
     if args.worker == "ours":
         rec = pt.fit_ours(data, work, Path(args.estimator))
-    else:
+    elif args.worker == "saem":
         rec = pt.fit_saem(data)
+    else:
+        rec = pt.fit_nuts(data)
     record.write_text(json.dumps(rec.to_dict(), indent=1, default=float))
     return 0
 
@@ -343,8 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000, 100000])
-    ap.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
+    ap.add_argument("--tools", nargs="+", default=list(DEFAULT_TOOLS), choices=TOOLS,
+                    help="default: ours nlme saem; nuts (NumPyro NUTS, full Bayes) is opt-in")
     ap.add_argument("--peer-max-n", type=int, default=10000, help="largest population the peers fit (default 10000)")
+    ap.add_argument("--nuts-max-n", type=int, default=100, help="largest population NUTS fits (default 100)")
     ap.add_argument("--no-theophylline", action="store_true", help="skip the theophylline data")
     ap.add_argument("--estimator", default=str(REPO / "trained_models" / "pk_oral_1cmt"))
     ap.add_argument("--tiny-estimator", metavar="DIR", help="train a throw-away estimator into DIR (smoke test)")
@@ -355,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="start results.json afresh instead of updating it")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
     ap.add_argument("--no-setup", action="store_true", help="do not install missing peer tools")
-    ap.add_argument("--worker", choices=("ours", "saem"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("ours", "saem", "nuts"), help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--record", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -375,10 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     r_ok, r_ver = pt.r_status()
     s_ok, s_ver = pt.pynlme_status()
     results["environment"] = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs ({platform.processor() or 'cpu'}), "
-                   f"{platform.platform()}",
+        "machine": f"{cpu_name()}, {os.cpu_count()} logical CPUs, {platform.platform()}",
         "R": r_ver if r_ok else f"R nlme not available: {r_ver}", "pynlme": s_ver if s_ok else s_ver,
-        "python": platform.python_version(),
+        "numpyro": pt.nuts_status()[1], "python": platform.python_version(),
     }
     if "ours" in args.tools:
         results["estimator"] = {"path": str(estimator.relative_to(REPO) if estimator.is_relative_to(REPO)
@@ -392,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs: list[tuple[str, int | None]] = [] if args.no_theophylline else [("theophylline", None)]
     jobs += [(f"sim-n{n}", n) for n in sorted(args.sizes)]
     for name, n in jobs:
-        tools = [t for t in args.tools if n is None or n <= args.peer_max_n or t == "ours"]
+        tools = [t for t in args.tools if n is None or t == "ours"
+                 or (n <= args.peer_max_n and (t != "nuts" or n <= args.nuts_max_n))]
         d_work = work / name
         d_work.mkdir(parents=True, exist_ok=True)
         if n is None:

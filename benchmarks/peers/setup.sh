@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set-up of the peer tools for benchmarks/peers/run.py, idempotent: installs only what is missing.
 #   R with nlme  : Debian/Ubuntu packages r-base-core and r-cran-nlme (apt-get; root or sudo needed)
-#   pynlme (SAEM): from PyPI into the Python that runs the benchmark
+#   pynlme (SAEM) and numpyro (NUTS, opt-in tool): from PyPI into the Python that runs the benchmark
 # Usage: benchmarks/peers/setup.sh [python]   (default: .venv/bin/python, else python3)
 set -euo pipefail
 PY="${1:-}"
@@ -29,4 +29,8 @@ if ! "$PY" -c 'import pynlme' >/dev/null 2>&1; then
   echo "setup.sh: installing pynlme into $PY" >&2
   "$PY" -m pip install -q "pynlme>=0.5.1"
 fi
-"$PY" -c 'import importlib.metadata as m; print("pynlme", m.version("pynlme"))'
+if ! "$PY" -c 'import numpyro' >/dev/null 2>&1; then
+  echo "setup.sh: installing numpyro into $PY" >&2
+  "$PY" -m pip install -q "numpyro>=0.15"
+fi
+"$PY" -c 'import importlib.metadata as m; print("pynlme", m.version("pynlme"), "numpyro", m.version("numpyro"))'

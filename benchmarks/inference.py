@@ -1,0 +1,71 @@
+"""Whole inference phase (posterior sampling + 10-start fit) for 100 .. 100,000 individuals with the shipped
+mrna_simple estimator, on synthetic populations from the seed paper's true values.
+
+    python benchmarks/inference.py [--sizes 100 1000 10000] [--draws 100] [--starts 10]
+
+Prints a table and appends nothing to files: copy the numbers into benchmarks/README.md with the machine named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from amortized_nlme.estimator import load_estimator  # noqa: E402
+from amortized_nlme.fit import fit  # noqa: E402
+from amortized_nlme.objective import DrawSet  # noqa: E402
+from amortized_nlme.population import PopulationModel  # noqa: E402
+from simulators import get_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+#: Arruda et al. 2024, simple model, synthetic data: population means and variances of the log-parameters
+TRUE_MEAN = np.array([-0.694, -7.014, 6.217, -0.164, 2.079, -3.454])
+TRUE_VAR = np.array([0.941, 7.014, 0.004, 0.116, 0.0, 0.0])
+
+
+def synthetic_population(model, n: int, rng: np.random.Generator):
+    phi = TRUE_MEAN + np.sqrt(TRUE_VAR) * rng.standard_normal((n, TRUE_MEAN.size))
+    design = model.sample_design(n, rng)
+    return phi, model.simulate(phi, design, rng), design
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000])
+    parser.add_argument("--draws", type=int, default=100)
+    parser.add_argument("--starts", type=int, default=10)
+    args = parser.parse_args()
+    model = get_model("mrna_simple")
+    est = load_estimator(REPO / "trained_models" / "mrna_simple", model)
+    est.sample(*synthetic_population(model, 8, np.random.default_rng(0))[1:], 10)  # compile once, not timed
+    pop = PopulationModel(model.prior, random_effects=["delta", "gamma", "kms", "t0"])
+    rows = []
+    for n in args.sizes:
+        rng = np.random.default_rng(n)
+        _, obs, design = synthetic_population(model, n, rng)
+        t0 = time.perf_counter()
+        draws = est.sample(obs, design, args.draws, seed=1)
+        t_sample = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        ds = DrawSet(draws, model.prior)
+        fr = fit(pop.with_fixed_std_from_draws(draws), ds, n_starts=args.starts, wald=False)
+        t_fit = time.perf_counter() - t1
+        rows.append((n, t_sample, t_fit, fr.n_converged))
+        print(f"n={n}: sampling {t_sample:.1f} s, fit {t_fit:.1f} s", file=sys.stderr, flush=True)
+    print(f"\n| individuals | draws each | sampling (s) | {args.starts}-start fit (s) | total (s) | starts converged |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for n, ts, tf, nc in rows:
+        print(f"| {n:,} | {args.draws} | {ts:.1f} | {tf:.1f} | {ts + tf:.1f} | {nc}/{args.starts} |")
+
+
+if __name__ == "__main__":
+    main()
