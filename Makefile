@@ -12,7 +12,9 @@ export KERAS_BACKEND ?= jax
 export OPENBLAS_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup simulate train check infer demo test test-all bench bench-peers clean
+COVARIATES ?=
+
+.PHONY: setup simulate train check infer select demo test test-all bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -36,6 +38,10 @@ infer: $(STAMP)
 	@test -n "$(DATA)" || { echo "usage: make infer MODEL=<model> DATA=<csv> [POP=<population.toml>]"; exit 2; }
 	$(VENV)/bin/amortized-nlme infer $(MODEL) --data $(DATA) $(if $(POP),--pop $(POP))
 
+select: $(STAMP)
+	@test -n "$(DATA)" -a -n "$(COVARIATES)" || { echo "usage: make select MODEL=<model> DATA=<csv> POP=<pop.toml> COVARIATES='lwt sex'"; exit 2; }
+	$(VENV)/bin/amortized-nlme select-covariates $(MODEL) --data $(DATA) $(if $(POP),--pop $(POP)) --covariates $(COVARIATES)
+
 # the shipped mrna_simple estimator fits the Fröhlich eGFP + d2eGFP single-cell data (two-group population model)
 demo: $(STAMP)
 	$(VENV)/bin/amortized-nlme infer mrna_simple --data amortized_nlme/example_data/froehlich2018_single_cell_gfp.csv.gz \
@@ -50,6 +56,7 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/simulate.py --quick
 	$(PY) benchmarks/objective.py
+	$(PY) benchmarks/inference.py --sizes 100 1000 10000
 
 bench-peers: $(STAMP)
 	$(PY) benchmarks/peers/run.py

@@ -92,7 +92,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, population=args.pop, estimator=args.estimator, out=args.out,
         config=args.config, n_draws=args.draws, n_starts=args.starts, profiles=not args.no_profiles,
         seed=args.seed, groups=args.groups, max_individuals=args.max_individuals, mc_refits=args.mc_refits,
-        marginal=args.marginal, profile_parameters=args.profile)
+        marginal=args.marginal, profile_parameters=args.profile, likelihood=args.likelihood)
     out = run_inference(opts)
     print(out)
     return 0
@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-individuals", type=int, help="random subset of this many individuals")
     p.add_argument("--mc-refits", type=int, default=3, help="refits on independent draw sets for the MC error")
     p.add_argument("--profile", nargs="+", metavar="PARAM", help="profile only these population parameters")
+    p.add_argument("--likelihood", choices=["auto", "amortized", "exact"], default="auto",
+                   help="amortized: weights 1/p(phi) (the paper's objective); exact: weights p(y|phi)/q(phi|y), "
+                        "the estimator only as proposal (unbiased for any q; auto: exact for small data)")
     p.add_argument("--marginal", choices=["auto", "on", "off"], default="auto",
                    help="-2LL/AIC/BIC/BICc by importance sampling (auto: on unless the data set is large)")
     p.set_defaults(func=cmd_infer)

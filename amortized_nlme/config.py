@@ -54,6 +54,8 @@ class TrainingConfig:
     validation_size: int = 2000
     patience: int = 8
     seed: int = 7
+    #: estimator folder (relative to the repository) whose weights start this run: a second, lower-rate phase
+    warm_start: str = ""
 
 
 @dataclass

@@ -285,6 +285,8 @@ def train(cfg: WorkflowConfig, model: IndividualModel, out_dir: str | os.PathLik
                  "best_epoch": 0, "wait": 0, "history": [], "elapsed_before_s": 0.0, "early_stopped": False,
                  "simulations_seen": 0}
         approximator = build_approximator(model, cfg.network)
+        if tcfg.warm_start:
+            state["warm_start"] = _warm_start(approximator, model, tcfg.warm_start)
         total_steps = tcfg.epochs * tcfg.steps_per_epoch
         schedule = keras.optimizers.schedules.CosineDecay(tcfg.learning_rate, decay_steps=total_steps, alpha=0.01)
         if tcfg.weight_decay > 0:
@@ -349,6 +351,29 @@ def train(cfg: WorkflowConfig, model: IndividualModel, out_dir: str | os.PathLik
     return True
 
 
+def _warm_start(approximator, model: IndividualModel, folder: str) -> dict:
+    """Initialise ``approximator`` with the weights of a trained estimator (same model and network); returns what
+    the new estimator's metadata records about that first phase."""
+    path = Path(folder) if Path(folder).is_absolute() else Path(__file__).resolve().parent.parent / folder
+    source = TrainedEstimator.load(path, model)
+    approximator.build_from_data(_first_batch(model, source.approximator))
+    approximator.set_weights(source.approximator.get_weights())
+    prev = source.meta.get("training", {})
+    logger.info("warm start from %s (%s simulations seen)", path, prev.get("simulations_seen"))
+    return {"from": str(folder), "file_sha256": source.sha256,
+            **{k: prev.get(k) for k in ("simulations_seen", "train_time_s", "epochs", "best_val_loss", "device")},
+            "workflow_training": source.meta.get("workflow", {}).get("training")}
+
+
+def _first_batch(model: IndividualModel, approximator) -> dict:
+    """A small adapted batch, to build a fresh approximator's variables before weights are copied in."""
+    from amortized_nlme.simulate import simulate_batch
+
+    params, obs, design = simulate_batch(model, 8, np.random.default_rng(0))
+    adapted = approximator.adapter(_batch_dict(model, params, obs, design))
+    return {k: _keras().ops.convert_to_tensor(v) for k, v in adapted.items()}
+
+
 def export(approximator, model: IndividualModel, cfg: WorkflowConfig, out: Path, state: dict,
            n_simulations: int | None) -> None:
     """Write ``approximator.keras`` and ``meta.json`` (diagnostics are added by ``check``)."""
@@ -365,6 +390,7 @@ def export(approximator, model: IndividualModel, cfg: WorkflowConfig, out: Path,
         except md.PackageNotFoundError:
             pass
     seen = state["epoch"] * cfg.training.steps_per_epoch * cfg.training.batch_size
+    warm = state.get("warm_start")
     meta = {
         "model": model.identity(),
         "param_names": list(model.param_names),
@@ -377,12 +403,15 @@ def export(approximator, model: IndividualModel, cfg: WorkflowConfig, out: Path,
         "training": {
             "mode": cfg.training.mode,
             "simulations_in_store": n_simulations,
-            "simulations_seen": seen,
+            "simulations_seen": seen + (warm or {}).get("simulations_seen", 0),
+            "simulations_seen_this_phase": seen,
+            "warm_start": warm,
             "epochs": state["epoch"],
             "best_epoch": state["best_epoch"],
             "best_val_loss": state["best_val"],
             "early_stopped": state["early_stopped"],
-            "train_time_s": round(state.get("elapsed_s", 0.0), 1),
+            "train_time_s": round(state.get("elapsed_s", 0.0) + (warm or {}).get("train_time_s", 0.0), 1),
+            "train_time_s_this_phase": round(state.get("elapsed_s", 0.0), 1),
             "device": _device_description(),
             "history": state["history"],
         },

@@ -56,6 +56,7 @@ class InferenceOptions:
     mc_refits: int = 3
     cache_dir: str | None = None
     marginal: str = "auto"  # importance-sampling -2LL/AIC/BIC/BICc: "on", "off", or "auto" (on for small data)
+    likelihood: str = "auto"  # "amortized" (weights 1/p(phi)), "exact" (p(y|phi)/q(phi|y)), "auto"
     profile_parameters: list[str] | None = None
 
 
@@ -76,6 +77,7 @@ class InferenceContext:
     groups: np.ndarray | None
     population: PopulationModel
     population_config: dict[str, Any]
+    likelihood: str = "amortized"
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -261,14 +263,58 @@ def prepare_inference(opts: InferenceOptions) -> InferenceContext:
     cache = Path(opts.cache_dir) if opts.cache_dir else (REPO / "results" / CACHE_DIR)
     draws = posterior_draws(estimator, observations, design, n_draws, opts.seed, data.content_hash(), cache)
     timings["posterior_draws_s"] = time.perf_counter() - t1
-    drawset = DrawSet(draws.astype(np.float64), model.prior, ids=list(data.ids))
+    likelihood = choose_likelihood(opts.likelihood, model, observations, design, draws.shape[0] * draws.shape[1])
+    if likelihood == "exact":
+        t2 = time.perf_counter()
+        drawset = likelihood_drawset(estimator, model, observations, design, draws.astype(np.float64), data.ids)
+        timings["likelihood_weights_s"] = time.perf_counter() - t2
+    else:
+        drawset = DrawSet(draws.astype(np.float64), model.prior, ids=list(data.ids))
     if population.fixed_std and pop_cfg.get("fixed_std", "auto") == "auto":
         # kernel width for parameters without random effect: a fifth of their typical posterior sd (see population.py)
         population = population.with_fixed_std_from_draws(drawset.draws, fraction=0.2)
         logger.info("kernel sd for parameters without random effect: %s",
                     {p: round(v, 4) for p, v in population.fixed_std.items()})
     return InferenceContext(opts, workflow, model, estimator, data, observations, design, draws, drawset,
-                            covariates, groups, population, pop_cfg, timings)
+                            covariates, groups, population, pop_cfg, likelihood, timings)
+
+
+#: "auto" uses exact likelihood weights when individuals x draws stays below this (log q costs a network pass)
+EXACT_AUTO_LIMIT = 2_000_000
+
+
+def has_likelihood(model: IndividualModel, observations: np.ndarray, design: Design) -> bool:
+    """Whether the individual model has a tractable log p(y_i | phi) (SDE models do not)."""
+    try:
+        model.log_likelihood(model.prior.mean[None, :], observations[:1], {k: v[:1] for k, v in design.items()})
+    except NotImplementedError:
+        return False
+    return True
+
+
+def choose_likelihood(requested: str, model: IndividualModel, observations: np.ndarray, design: Design,
+                      n_draws_total: int) -> str:
+    """Resolve ``--likelihood``: "exact" weights when the model has a likelihood and the data are not too large."""
+    if requested not in ("auto", "amortized", "exact"):
+        raise ConfigError(f"--likelihood must be auto, amortized or exact, not {requested!r}")
+    tractable = has_likelihood(model, observations, design)
+    if requested == "exact" and not tractable:
+        raise ConfigError(f"{model.name} has no tractable individual likelihood: use --likelihood amortized")
+    if requested == "auto":
+        requested = "exact" if tractable and n_draws_total <= EXACT_AUTO_LIMIT else "amortized"
+    logger.info("population likelihood: %s", requested)
+    return requested
+
+
+def likelihood_drawset(estimator: TrainedEstimator, model: IndividualModel, observations: np.ndarray,
+                       design: Design, draws: np.ndarray, ids) -> DrawSet:
+    """Draws weighted by p(y_i | phi) / q(phi | y_i): the objective becomes -log p(D | theta) itself (see
+    :meth:`DrawSet.with_likelihood`); one pass of the flow's density and of the individual likelihood."""
+    from amortized_nlme.marginal import individual_loglik
+
+    log_q = estimator.log_prob(draws, observations, design)
+    log_lik = individual_loglik(model, draws, observations, design)
+    return DrawSet.with_likelihood(draws, model.prior, log_q, log_lik, ids=list(ids))
 
 
 def split_drawset(ctx: InferenceContext, n_sets: int) -> list[DrawSet]:
@@ -321,6 +367,7 @@ def run_inference(opts: InferenceOptions) -> Path:
         "population_model": ctx.population.to_dict(),
         "population_config": ctx.population_config,
         "n_draws": int(ctx.draws.shape[1]),
+        "likelihood": ctx.likelihood,
         "seed": opts.seed,
         "package_versions": _versions(),
         "platform": platform.platform(),
@@ -356,10 +403,7 @@ def marginal_likelihood_summary(ctx: InferenceContext, fr, opts: InferenceOption
                     ctx.dataset.n_individuals)
         return {"computed": False, "reason": f"{ctx.dataset.n_individuals} individuals x {n_is} draws is above the "
                                              "automatic limit; rerun with --marginal on"}
-    try:
-        ctx.model.log_likelihood(ctx.drawset.draws[:1, 0], ctx.observations[:1], {k: v[:1] for k, v in
-                                                                               ctx.design.items()})
-    except NotImplementedError:
+    if not has_likelihood(ctx.model, ctx.observations, ctx.design):
         return {"computed": False, "reason": f"{ctx.model.name} has no tractable individual likelihood"}
     t0 = time.perf_counter()
     sampler = ImportanceSampler(ctx.model, ctx.estimator, ctx.observations, ctx.design, n_draws=n_is,

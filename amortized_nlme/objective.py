@@ -60,7 +60,23 @@ class DrawSet:
         self.phi_t = np.ascontiguousarray(np.swapaxes(draws, 1, 2))
         #: how many times the prior density was evaluated on these draws (once, by construction)
         self.n_prior_evaluations = 1
+        #: "amortized": weights 1 / p(phi) (J = -log p(D | theta) + const); "likelihood": see with_likelihood
+        self.kind = "amortized"
         logger.debug("draw set: %d individuals x %d draws x %d parameters", *draws.shape)
+
+    @classmethod
+    def with_likelihood(cls, draws: np.ndarray, prior: NormalPrior, log_q: np.ndarray, log_lik: np.ndarray,
+                        ids: Sequence[Any] | None = None) -> "DrawSet":
+        """Draws from q(phi | y_i) weighted by the exact individual likelihood, p(y_i | phi) / q(phi | y_i), instead
+        of 1 / p(phi): the objective then is an importance-sampling estimate of -log p(D | theta) itself, with the
+        estimator only as proposal, so an imperfect q costs Monte-Carlo variance but no bias."""
+        ds = cls(draws, prior, ids)
+        denominator = np.asarray(log_q, dtype=np.float64) - np.asarray(log_lik, dtype=np.float64)
+        if denominator.shape != ds.log_prior.shape:
+            raise ValueError(f"log_q and log_lik must have shape {ds.log_prior.shape}, got {denominator.shape}")
+        ds.log_prior = np.ascontiguousarray(np.where(np.isfinite(denominator), denominator, np.inf))
+        ds.kind = "likelihood"
+        return ds
 
     @property
     def n(self) -> int:

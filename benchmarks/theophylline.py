@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO))
 from amortized_nlme.data import read_theophylline  # noqa: E402
 from amortized_nlme.estimator import load_estimator  # noqa: E402
 from amortized_nlme.fit import fit  # noqa: E402
+from amortized_nlme.infer import likelihood_drawset  # noqa: E402
 from amortized_nlme.marginal import ImportanceSampler, count_observations  # noqa: E402
 from amortized_nlme.objective import DrawSet  # noqa: E402
 from amortized_nlme.population import PopulationModel, dummy_columns  # noqa: E402
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draws", type=int, default=4000, help="posterior draws per subject for the fits")
     ap.add_argument("--is-draws", type=int, default=4000, help="importance-sampling draws per subject")
     ap.add_argument("--starts", type=int, default=3)
+    ap.add_argument("--top", type=int, default=8, help="models by the objective that get an importance-sampling BICc")
+    ap.add_argument("--likelihood", choices=["exact", "amortized"], default="exact",
+                    help="weights of the fitting draws: p(y|phi)/q(phi|y) (exact) or 1/p(phi) (amortized)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--md", help="markdown output (default benchmarks/theophylline.md; none for --tiny-train)")
     ap.add_argument("--out", help="folder for selection.{json,md,png} (default results/theophylline-covariates)")
@@ -113,7 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     n_obs = count_observations(obs, design)
 
     t0 = time.perf_counter()
-    draws = DrawSet(estimator.sample(obs, design, args.draws, seed=args.seed), model.prior, ids=data.ids)
+    phi = estimator.sample(obs, design, args.draws, seed=args.seed)
+    if args.likelihood == "exact":
+        draws = likelihood_drawset(estimator, model, obs, design, phi, data.ids)
+    else:
+        draws = DrawSet(phi, model.prior, ids=data.ids)
     t_draws = time.perf_counter() - t0
     base = PopulationModel(model.prior, random_effects=["ka", "ke", "V"], covariance="diagonal")
     base = base.with_fixed_std_from_draws(draws.draws, fraction=0.2)
@@ -122,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                                 seed=args.seed + 1)
     t_sampler = time.perf_counter() - t0
     result = select_covariates(base, draws, cov, ["lwt", "sex"], n_obs, parameters=["ka", "ke", "V"],
-                               strategy="exhaustive", n_starts=args.starts, seed=args.seed, sampler=sampler, top_k=3)
+                               strategy="exhaustive", n_starts=args.starts, seed=args.seed, sampler=sampler, top_k=args.top)
     out_dir = Path(args.out) if args.out else REPO / "results" / "theophylline-covariates"
     write_selection(result, out_dir)
 

@@ -66,7 +66,9 @@ if (!is.null(fit)) {
   add("minus2ll", -2 * as.numeric(logLik(fit)))
 }
 add("fit_s", fit_s)
-add("converged", as.numeric(!is.null(fit) && !grepl("converge", msg, ignore.case = TRUE)))
+# returnObject = TRUE turns "maximum number of iterations ... reached without convergence" into a warning; an
+# LME-step nlminb() warning in an intermediate iteration is kept in the message but is not a failed fit
+add("converged", as.numeric(!is.null(fit) && !grepl("without convergence", msg, ignore.case = TRUE)))
 rows$message <- ""
 rows$message[rows$name == "converged"] <- trimws(gsub("[\r\n,]", " ", msg))
 write.csv(rows, args[2], row.names = FALSE)

@@ -75,7 +75,9 @@ def fit_all(name: str, data_csv: Path, tools: list[str], work: Path, estimator: 
             if estimator is None or not (estimator / "meta.json").exists():
                 rec = pt.unavailable("ours", f"no trained estimator at {estimator} (make train MODEL=pk_oral_1cmt)")
             else:
-                rec = pt.run_python_worker("ours", data_csv, w, timeout_s, estimator=estimator)
+                # the -2LL by importance sampling only for the theophylline table (small; peers' timings have none)
+                rec = pt.run_python_worker("ours", data_csv, w, timeout_s, estimator=estimator,
+                                           marginal=name == "theophylline")
         elif tool == "nlme":
             rec = pt.run_nlme(data_csv, w, timeout_s)
         elif tool in ("saem", "nuts"):
@@ -208,15 +210,16 @@ def theophylline_table(results: dict[str, Any]) -> str:
     d = results["datasets"].get("theophylline")
     if not d:
         return "(theophylline not run)"
-    lines = ["| tool | fit time (s) | ka | ke | V | ω_ka | ω_ke | ω_V | σ | −2LL |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    common = d.get("common_minus2ll", {})
+    lines = ["| tool | fit time (s) | ka | ke | V | ω_ka | ω_ke | ω_V | σ | −2LL (tool's own) | −2LL (common IS) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for tool in TOOLS:
         if tool not in d["fits"]:
             continue
         rec = d["fits"][tool]
         if not rec["available"] or not rec["ok"]:
             lines.append(f"| {LABELS[tool]} | {'not available' if not rec['available'] else 'failed'}: "
-                         f"{rec['message'][:120]} |" + " |" * 8)
+                         f"{rec['message'][:120]} |" + " |" * 9)
             continue
         cis = []
         for q in pt.QUANTITIES:
@@ -227,7 +230,9 @@ def theophylline_table(results: dict[str, Any]) -> str:
             else:
                 cis.append(_fmt(v))
         m2 = _fmt(rec.get("minus2ll"), 4) if rec.get("minus2ll") is not None else "–"
-        lines.append(f"| {LABELS[tool]} | {_fmt(rec['fit_s'])} | " + " | ".join(cis) + f" | {m2} |")
+        c = common.get(tool)
+        c2 = f"{c[0]:.1f} ± {c[1]:.1f}" if c else "–"
+        lines.append(f"| {LABELS[tool]} | {_fmt(rec['fit_s'])} | " + " | ".join(cis) + f" | {m2} | {c2} |")
     return "\n".join(lines)
 
 
@@ -305,9 +310,12 @@ r-cran-nlme`) and `pynlme` from PyPI. Every tool fits the **same** simulated pop
 time, each in its own process:
 
 - **amortized-nlme**: `run_inference` with the workflow's population model (random effects on ka, ke, V, diagonal
-  Omega; additive sd without random effect), 10 starts, Wald CIs, no profiles; posterior draws sampled afresh (no
-  cache). Fit time = the whole `run_inference` call: loading the estimator, posterior draws, multistart, Wald SEs,
-  writing the results folder with its plots. "+ training" adds the one-off training time of the estimator
+  Omega; additive sd without random effect), 10 starts, Wald CIs, no profiles, no importance-sampling −2LL
+  (`marginal="off"`; on for the theophylline table only); posterior draws sampled afresh (no cache). Fit time = the
+  whole `run_inference` call: loading the estimator (~10 s of JAX start-up and compilation at any n), posterior
+  draws, multistart, Wald SEs, writing the results folder with its plots; the next column splits out the posterior
+  draws (the only step that grows with n × draws through the network) and the population fit itself, which is all
+  that a refit with another population model costs. "+ training" adds the one-off training time of the estimator
   (`train_time_s` in its `meta.json`: {_fmt(train_s)} s), paid once for every data set and population model.
 - **R nlme** (Lindstrom–Bates; {env.get('R', 'R not available')}): `SSfol` reparameterised from (lKe, lKa, lCl) to
   (lKa, lKe, lV) with lCl = lV + lKe (SSfol's analytic gradient, chained), so that `pdDiag(lKa + lKe + lV ~ 1)` is
@@ -339,7 +347,11 @@ Estimator: `{est.get('path', '?')}`{tiny}. Machine: {env.get('machine', '?')}; r
 
 ### Theophylline (12 subjects, `theo_saemix.csv`), no covariates
 
-Natural-scale estimates with 95% CIs (typical values exponentiated from the log-scale interval).
+Natural-scale estimates with 95% CIs (typical values exponentiated from the log-scale interval). −2LL (tool's own):
+nlme's (Lindstrom–Bates approximation) and amortized-nlme's importance-sampling estimate at its own estimates.
+−2LL (common IS): every tool's estimate scored by the same yardstick, amortized-nlme's importance-sampling estimate
+of the marginal likelihood (4,000 draws per individual, ± its Monte-Carlo SE; the additive sd with the narrow kernel of
+our fit), so that lower is better across rows.
 
 {theophylline_table(results)}
 
@@ -377,6 +389,13 @@ def findings(results: dict[str, Any]) -> str:
                          f"{_ratio(ours['fit_s'] / r['fit_s'])}; RMS error vs truth {_fmt(r['score'].get('rms_vs_truth'), 2)})")
         out.append(f"- n = {d['n']:,}: amortized-nlme {_fmt(ours['fit_s'])} s (RMS error vs truth "
                    f"{_fmt(ours['score'].get('rms_vs_truth'), 2)}); " + "; ".join(parts) + ".")
+    for d in [results["datasets"].get("theophylline", {})] + sims:
+        common = d.get("common_minus2ll") or {}
+        if common:
+            where = "theophylline" if d["kind"] == "theophylline" else f"n = {d['n']:,}"
+            out.append(f"- {where}, every tool's estimate scored by the same importance-sampling −2LL (lower is "
+                       "better): " + "; ".join(f"{LABELS[t]} {v[0]:.1f} ± {v[1]:.1f}" for t, v in common.items())
+                       + ".")
     for d in sims:
         missing = [f"{LABELS[t]}: {r['message'][:200]}" for t, r in d["fits"].items() if not (r["available"] and r["ok"])]
         if missing:
@@ -406,19 +425,47 @@ def worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     data, work, record = Path(args.data), Path(args.work), Path(args.record)
     if args.worker == "ours":
-        rec = pt.fit_ours(data, work, Path(args.estimator))
+        rec = pt.fit_ours(data, work, Path(args.estimator), marginal=args.marginal)
     elif args.worker == "saem":
         rec = pt.fit_saem(data)
-    else:
+    elif args.worker == "nuts":
         rec = pt.fit_nuts(data)
+    else:  # is2ll: the estimates come in through the record file, the -2LLs go back through it
+        estimates = json.loads(record.read_text())
+        record.write_text(json.dumps(pt.common_minus2ll(data, work, Path(args.estimator), estimates)))
+        return 0
     record.write_text(json.dumps(rec.to_dict(), indent=1, default=float))
     return 0
+
+
+def common_minus2ll(data_csv: Path, fits: dict[str, pt.FitRecord], work: Path, estimator: Path, timeout_s: float
+                    ) -> dict[str, list[float]]:
+    """Every tool's estimate scored by the same importance-sampling -2LL (a child process; {} when it fails)."""
+    estimates = {t: r.estimate for t, r in fits.items() if r.ok and len(r.estimate) == len(pt.QUANTITIES)}
+    if not estimates or not (estimator / "meta.json").exists():
+        return {}
+    work.mkdir(parents=True, exist_ok=True)
+    record = work / "is2ll.json"
+    record.write_text(json.dumps(estimates))
+    cmd = [sys.executable, str(HERE / "run.py"), "--worker", "is2ll", "--data", str(data_csv), "--work", str(work),
+           "--record", str(record), "--estimator", str(estimator)]
+    try:
+        with open(work / "is2ll.log", "w") as fh:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {}
+    if proc.returncode != 0:
+        logger.warning("common -2LL failed, see %s", work / "is2ll.log")
+        return {}
+    out = json.loads(record.read_text())
+    return out if isinstance(out, dict) and all(isinstance(v, list) for v in out.values()) else {}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000, 100000])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[100, 1000, 10000, 100000],
+                    help="population sizes (none: the theophylline data only)")
     ap.add_argument("--tools", nargs="+", default=list(DEFAULT_TOOLS), choices=TOOLS,
                     help="default: ours nlme saem; nuts (NumPyro NUTS, full Bayes) is opt-in")
     ap.add_argument("--peer-max-n", type=int, default=10000, help="largest population the peers fit (default 10000)")
@@ -433,9 +480,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="start results.json afresh instead of updating it")
     ap.add_argument("--no-readme", action="store_true", help="do not rewrite the README section")
     ap.add_argument("--no-setup", action="store_true", help="do not install missing peer tools")
-    ap.add_argument("--worker", choices=("ours", "saem", "nuts"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("ours", "saem", "nuts", "is2ll"), help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--record", help=argparse.SUPPRESS)
+    ap.add_argument("--marginal", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -490,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
             if n is not None:
                 r["score"] = score(rec, pt.TRUTH, sample)
             entry["fits"][tool] = r
+        if (n is None or n <= 100) and "ours" in tools:
+            entry["common_minus2ll"] = common_minus2ll(data_csv, fits, d_work / "is2ll", estimator, args.timeout)
         results["datasets"][name] = entry
         save()
     plot(results, HERE)
