@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from amortized_nlme.estimator import META_FILE, TrainedEstimator, _atomic_write_json
+from amortized_nlme.estimator import META_FILE, TrainedEstimator
+from amortized_nlme.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def run_check(estimator: TrainedEstimator, n_simulations: int = 1000, n_draws: i
         meta_path = estimator.path / META_FILE
         meta = json.loads(meta_path.read_text())
         meta["diagnostics"] = result
-        _atomic_write_json(meta_path, meta)
+        write_json_atomic(meta_path, meta)
     logger.info("calibration check %s: %s", "passed" if result["passed"] else "FAILED",
                 {n: f"err {result['calibration_error'][n]:.3f} cov90 {result['coverage_90'][n]:.2f} "
                     f"R2 {result['r2'][n]:.2f}" for n in names})

@@ -23,6 +23,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import numpy as np  # noqa: E402
 
 from amortized_nlme.config import NetworkConfig, TrainingConfig, WorkflowConfig  # noqa: E402
+from amortized_nlme.files import write_json_atomic  # noqa: E402
 from amortized_nlme.model import Design, IndividualModel, NormalPrior, take_design  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -197,20 +198,6 @@ def _fixed_dataset(model: IndividualModel, params: np.ndarray, obs: np.ndarray, 
 # training with checkpoints
 
 
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"not JSON serializable: {type(obj)}")
-
-
 def _make_checkpoint_callback(ckpt_dir: Path, state: dict, patience: int, deadline: float | None,
                               progress: Callable[[dict], None] | None):
     """Per epoch: save the whole approximator (optimizer included) atomically, track the best validation loss,
@@ -246,7 +233,7 @@ def _make_checkpoint_callback(ckpt_dir: Path, state: dict, patience: int, deadli
                 state["early_stopped"] = True
                 self.model.stop_training = True
                 logger.info("early stopping: validation loss has not improved for %d epochs", patience)
-            _atomic_write_json(ckpt_dir / "state.json", {k: v for k, v in state.items() if k != "started"})
+            write_json_atomic(ckpt_dir / "state.json", {k: v for k, v in state.items() if k != "started"})
             if progress:
                 progress(state)
             if deadline is not None and time.time() > deadline and not self.model.stop_training:
@@ -422,7 +409,7 @@ def export(approximator, model: IndividualModel, cfg: WorkflowConfig, out: Path,
         prev = json.loads(old.read_text())
         if prev.get("file_sha256") == meta["file_sha256"] and "diagnostics" in prev:
             meta["diagnostics"] = prev["diagnostics"]
-    _atomic_write_json(out / META_FILE, meta)
+    write_json_atomic(out / META_FILE, meta)
     logger.info("saved estimator to %s", out)
 
 

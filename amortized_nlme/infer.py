@@ -264,12 +264,25 @@ def prepare_inference(opts: InferenceOptions) -> InferenceContext:
     draws = posterior_draws(estimator, observations, design, n_draws, opts.seed, data.content_hash(), cache)
     timings["posterior_draws_s"] = time.perf_counter() - t1
     likelihood = choose_likelihood(opts.likelihood, model, observations, design, draws.shape[0] * draws.shape[1])
-    if likelihood == "exact":
+    amortized = DrawSet(draws.astype(np.float64), model.prior, ids=list(data.ids))
+    drawset = amortized
+    if likelihood in ("exact", "auto-exact"):
         t2 = time.perf_counter()
-        drawset = likelihood_drawset(estimator, model, observations, design, draws.astype(np.float64), data.ids)
+        exact = likelihood_drawset(estimator, model, observations, design, amortized.draws, data.ids)
         timings["likelihood_weights_s"] = time.perf_counter() - t2
-    else:
-        drawset = DrawSet(draws.astype(np.float64), model.prior, ids=list(data.ids))
+        ess = proposal_ess(exact, amortized.log_prior)
+        need = max(20.0, EXACT_MIN_ESS_FRACTION * exact.M)
+        logger.info("estimator as importance proposal: median ESS %.0f of %d draws", float(np.median(ess)), exact.M)
+        if likelihood == "auto-exact" and np.median(ess) < need:
+            logger.info("median ESS below %.0f: the estimator is not a good enough proposal for exact weights here; "
+                        "using the amortized objective", need)
+            likelihood = "amortized"
+        else:
+            if np.median(ess) < need:
+                logger.warning("exact weights with a median ESS of %.0f: expect a large Monte-Carlo error",
+                               float(np.median(ess)))
+            likelihood, drawset = "exact", exact
+    logger.info("population likelihood: %s", likelihood)
     if population.fixed_std and pop_cfg.get("fixed_std", "auto") == "auto":
         # kernel width for parameters without random effect: a fifth of their typical posterior sd (see population.py)
         population = population.with_fixed_std_from_draws(drawset.draws, fraction=0.2)
@@ -279,8 +292,11 @@ def prepare_inference(opts: InferenceOptions) -> InferenceContext:
                             covariates, groups, population, pop_cfg, likelihood, timings)
 
 
-#: "auto" uses exact likelihood weights when individuals x draws stays below this (log q costs a network pass)
-EXACT_AUTO_LIMIT = 2_000_000
+#: "auto" tries exact likelihood weights when individuals x draws x time points stays below this
+EXACT_AUTO_LIMIT = 20_000_000
+#: ... and keeps them only when q is a good proposal: median effective sample size of p(y|phi) p(phi) / q(phi|y)
+#: at least this fraction of the draws (and at least 20)
+EXACT_MIN_ESS_FRACTION = 0.05
 
 
 def has_likelihood(model: IndividualModel, observations: np.ndarray, design: Design) -> bool:
@@ -294,16 +310,26 @@ def has_likelihood(model: IndividualModel, observations: np.ndarray, design: Des
 
 def choose_likelihood(requested: str, model: IndividualModel, observations: np.ndarray, design: Design,
                       n_draws_total: int) -> str:
-    """Resolve ``--likelihood``: "exact" weights when the model has a likelihood and the data are not too large."""
+    """Resolve ``--likelihood`` before any weights are computed: "exact" is tried when the model has a likelihood
+    and the data are not too large (the proposal-quality check follows in :func:`prepare_inference`)."""
     if requested not in ("auto", "amortized", "exact"):
         raise ConfigError(f"--likelihood must be auto, amortized or exact, not {requested!r}")
     tractable = has_likelihood(model, observations, design)
     if requested == "exact" and not tractable:
         raise ConfigError(f"{model.name} has no tractable individual likelihood: use --likelihood amortized")
     if requested == "auto":
-        requested = "exact" if tractable and n_draws_total <= EXACT_AUTO_LIMIT else "amortized"
-    logger.info("population likelihood: %s", requested)
+        cost = n_draws_total * observations.shape[1]
+        requested = "auto-exact" if tractable and cost <= EXACT_AUTO_LIMIT else "amortized"
     return requested
+
+
+def proposal_ess(drawset: DrawSet, prior_log_prob: np.ndarray) -> np.ndarray:
+    """Per-individual effective sample size of the draws as importance samples of the posterior under the training
+    prior, weights p(y|phi) p(phi) / q(phi|y): near M when the estimator is accurate, near 1 when it is not."""
+    logw = prior_log_prob - drawset.log_prior  # log p(phi) - (log q - log lik)
+    logw = logw - logw.max(axis=1, keepdims=True)
+    w = np.exp(logw)
+    return w.sum(axis=1) ** 2 / np.sum(w * w, axis=1)
 
 
 def likelihood_drawset(estimator: TrainedEstimator, model: IndividualModel, observations: np.ndarray,
@@ -386,8 +412,8 @@ def run_inference(opts: InferenceOptions) -> Path:
     return out
 
 
-#: "auto" computes the marginal likelihood when individuals x importance draws stay below this
-MARGINAL_AUTO_LIMIT = 2_000_000
+#: "auto" computes the marginal likelihood when individuals x importance draws x time points stays below this
+MARGINAL_AUTO_LIMIT = 20_000_000
 
 
 def marginal_likelihood_summary(ctx: InferenceContext, fr, opts: InferenceOptions) -> dict[str, Any]:
@@ -398,7 +424,8 @@ def marginal_likelihood_summary(ctx: InferenceContext, fr, opts: InferenceOption
     n_is = max(1000, ctx.drawset.M)
     if opts.marginal == "off":
         return {"computed": False, "reason": "--marginal off"}
-    if opts.marginal == "auto" and ctx.dataset.n_individuals * n_is > MARGINAL_AUTO_LIMIT:
+    cost = ctx.dataset.n_individuals * n_is * ctx.observations.shape[1]
+    if opts.marginal == "auto" and cost > MARGINAL_AUTO_LIMIT:
         logger.info("importance-sampling likelihood skipped for %d individuals (use --marginal on)",
                     ctx.dataset.n_individuals)
         return {"computed": False, "reason": f"{ctx.dataset.n_individuals} individuals x {n_is} draws is above the "

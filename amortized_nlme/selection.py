@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from amortized_nlme.files import json_default
 from amortized_nlme.fit import fit
 from amortized_nlme.marginal import ImportanceSampler, MarginalLikelihood, count_parameters, penalty_bicc
 from amortized_nlme.objective import DrawSet
@@ -383,7 +384,7 @@ def write_selection(result: SelectionResult, out_dir: str | Path) -> Path:
     """Write ``selection.json``, ``selection.md`` and ``selection.png`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "selection.json").write_text(json.dumps(result.to_dict(), indent=2, default=_json_default))
+    (out / "selection.json").write_text(json.dumps(result.to_dict(), indent=2, default=json_default))
     sel = result.selected
     lines = [f"# Covariate selection ({result.strategy})", "",
              f"Selected: **{sel.label}** — {result.n_fits} fits in {result.time_s:.1f} s "
@@ -397,14 +398,6 @@ def write_selection(result: SelectionResult, out_dir: str | Path) -> Path:
     (out / "selection.md").write_text("\n".join(lines))
     plot_selection(result, out / "selection.png")
     return out
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"not JSON serializable: {type(obj)}")
 
 
 def run_selection_cli(args: Any) -> int:

@@ -18,7 +18,12 @@ import numba as nb
 import numpy as np
 
 from amortized_nlme.model import Design, IndividualModel, NormalPrior, fixed_grid_design
-from simulators.mrna_simple import TIME_GRID, encode_log_fluorescence, log_fluorescence_from_dataset
+from simulators.mrna_simple import (
+    TIME_GRID,
+    encode_log_fluorescence,
+    gaussian_log_likelihood,
+    log_fluorescence_from_dataset,
+)
 from simulators.solvers import SUCCESS, make_rodas4, observed_times
 
 #: solver settings used for simulations and predictions
@@ -144,11 +149,7 @@ class MrnaDetailed(IndividualModel):
 
     def log_likelihood(self, phi: np.ndarray, observations: np.ndarray, design: Design) -> np.ndarray:
         phi = self.check_phi(phi)
-        mean = self.predict(phi, design)
-        log_sigma = phi[:, 10][:, None, None]
-        z = (observations - mean) * np.exp(-log_sigma)
-        point = -0.5 * z * z - log_sigma - 0.5 * np.log(2.0 * np.pi)
-        return np.sum(np.where(design["mask"][..., None], point, 0.0), axis=(1, 2))
+        return gaussian_log_likelihood(observations, self.predict(phi, design), phi[:, 10], design["mask"])
 
     def encode(self, observations: np.ndarray, design: Design) -> np.ndarray:
         return encode_log_fluorescence(observations, design)

@@ -83,17 +83,23 @@ class MrnaSimple(IndividualModel):
 
     def log_likelihood(self, phi: np.ndarray, observations: np.ndarray, design: Design) -> np.ndarray:
         phi = self.check_phi(phi)
-        mean = self.predict(phi, design)
-        log_sigma = phi[:, 5][:, None, None]
-        z = (observations - mean) * np.exp(-log_sigma)
-        point = -0.5 * z * z - log_sigma - 0.5 * np.log(2.0 * np.pi)
-        return np.sum(np.where(design["mask"][..., None], point, 0.0), axis=(1, 2))
+        return gaussian_log_likelihood(observations, self.predict(phi, design), phi[:, 5], design["mask"])
 
     def encode(self, observations: np.ndarray, design: Design) -> np.ndarray:
         return encode_log_fluorescence(observations, design)
 
     def from_dataset(self, data) -> tuple[np.ndarray, Design]:
         return log_fluorescence_from_dataset(self.name, data)
+
+
+def gaussian_log_likelihood(observations: np.ndarray, mean: np.ndarray, log_sigma: np.ndarray, mask: np.ndarray
+                            ) -> np.ndarray:
+    """Sum over observed points of log N(y; mean, sigma^2), one value per individual (additive error on the
+    observation scale; shared by the mRNA models)."""
+    log_sigma = log_sigma[:, None, None]
+    z = (observations - mean) * np.exp(-log_sigma)
+    point = -0.5 * z * z - log_sigma - 0.5 * np.log(2.0 * np.pi)
+    return np.sum(np.where(mask[..., None], point, 0.0), axis=(1, 2))
 
 
 def encode_log_fluorescence(observations: np.ndarray, design: Design) -> np.ndarray:
