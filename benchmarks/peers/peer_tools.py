@@ -258,7 +258,7 @@ def parse_nlme(out_csv: Path, wall: float, version: str) -> FitRecord:
 
 
 def run_python_worker(tool: str, data_csv: Path, work: Path, timeout_s: float, estimator: Path | None = None,
-                      threads: int | None = None, marginal: bool = False) -> FitRecord:
+                      threads: int | None = None, marginal: bool = False, likelihood: str = "auto") -> FitRecord:
     """``tool`` ("ours", "saem" or "nuts") in a child Python process (``run.py --worker``)."""
     check = {"saem": pynlme_status, "nuts": nuts_status}.get(tool)
     if check is not None:
@@ -274,17 +274,23 @@ def run_python_worker(tool: str, data_csv: Path, work: Path, timeout_s: float, e
         cmd += ["--estimator", str(estimator)]
     if marginal:
         cmd += ["--marginal"]
+    if likelihood != "auto":
+        cmd += ["--likelihood", likelihood]
     env = {"OPENBLAS_NUM_THREADS": "1", "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "jax")}
     if threads:
         env["NUMBA_NUM_THREADS"] = str(threads)
-    return _run_child(tool, cmd, out_json, timeout_s, env=env, log=work / f"{tool}.log")
+    rec = _run_child(tool, cmd, out_json, timeout_s, env=env, log=work / f"{tool}.log")
+    if tool == "ours" and likelihood != "auto":
+        rec.tool = f"ours-{likelihood}"
+    return rec
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # workers (child side)
 
 
-def fit_ours(data_csv: Path, work: Path, estimator: Path, marginal: bool = False) -> FitRecord:
+def fit_ours(data_csv: Path, work: Path, estimator: Path, marginal: bool = False, likelihood: str = "auto"
+             ) -> FitRecord:
     """amortized-nlme: ``run_inference`` with the workflow's population model (random effects on ka, ke, V,
     diagonal), 10 starts, Wald CIs, no profiles, no Monte-Carlo refits; posterior draws are never read from a
     cache (a fresh cache folder per fit). The importance-sampling -2LL (``marginal``) is off unless asked for (the
@@ -298,7 +304,7 @@ def fit_ours(data_csv: Path, work: Path, estimator: Path, marginal: bool = False
     shutil.rmtree(cache, ignore_errors=True)
     opts = InferenceOptions(model="pk_oral_1cmt", data=str(data_csv), population=None, estimator=str(estimator),
                             out=str(out), n_starts=10, profiles=False, mc_refits=0, cache_dir=str(cache),
-                            marginal="on" if marginal else "off")
+                            marginal="on" if marginal else "off", likelihood=likelihood)
     t0 = time.perf_counter()
     run_inference(opts)
     fit_s = time.perf_counter() - t0
@@ -326,6 +332,7 @@ def parse_ours(out: Path) -> FitRecord:
     timings = summary.get("timings_s", {})
     ess = summary.get("ess", {})
     details = {"timings_s": timings, "n_draws": summary.get("n_draws_per_individual"),
+               "likelihood": summary.get("inputs", {}).get("likelihood"),
                "ess_median": ess.get("ess_median"), "n_low_ess": ess.get("n_low_ess"),
                "objective_mc_se": summary.get("objective", {}).get("mc_se"),
                "at_bound": summary.get("at_bound", []),

@@ -45,9 +45,12 @@ REPO = pt.REPO
 THEO_CSV = REPO / "amortized_nlme" / "example_data" / "theo_saemix.csv"
 README = REPO / "benchmarks" / "README.md"
 SECTION = "## Side by side with R nlme and SAEM"
-TOOLS = ("ours", "nlme", "saem", "nuts")
+TOOLS = ("ours", "ours-exact", "ours-amortized", "nlme", "saem", "nuts")
 DEFAULT_TOOLS = ("ours", "nlme", "saem")
-LABELS = {"ours": "amortized-nlme", "nlme": "R nlme (LB)", "saem": "SAEM (pynlme)", "nuts": "NumPyro NUTS"}
+LABELS = {"ours": "amortized-nlme", "ours-exact": "amortized-nlme, exact weights forced",
+          "ours-amortized": "amortized-nlme, amortized weights forced", "nlme": "R nlme (LB)", "saem": "SAEM (pynlme)",
+          "nuts": "NumPyro NUTS"}
+OURS = ("ours", "ours-exact", "ours-amortized")
 logger = logging.getLogger("peers")
 
 
@@ -71,13 +74,14 @@ def fit_all(name: str, data_csv: Path, tools: list[str], work: Path, estimator: 
     for tool in tools:
         logger.info("[%s] %s ...", name, tool)
         w = work / tool
-        if tool == "ours":
+        if tool in OURS:
             if estimator is None or not (estimator / "meta.json").exists():
-                rec = pt.unavailable("ours", f"no trained estimator at {estimator} (make train MODEL=pk_oral_1cmt)")
+                rec = pt.unavailable(tool, f"no trained estimator at {estimator} (make train MODEL=pk_oral_1cmt)")
             else:
                 # the -2LL by importance sampling only for the theophylline table (small; peers' timings have none)
                 rec = pt.run_python_worker("ours", data_csv, w, timeout_s, estimator=estimator,
-                                           marginal=name == "theophylline")
+                                           marginal=name == "theophylline" and tool == "ours",
+                                           likelihood=tool.split("-")[1] if "-" in tool else "auto")
         elif tool == "nlme":
             rec = pt.run_nlme(data_csv, w, timeout_s)
         elif tool in ("saem", "nuts"):
@@ -191,10 +195,12 @@ def simulation_table(results: dict[str, Any]) -> str:
                 continue
             s = rec.get("score", {})
             cov = s.get("coverage")
-            plus = _fmt(rec["fit_s"] + train_s, 3) if tool == "ours" and train_s is not None else ""
+            plus = _fmt(rec["fit_s"] + train_s, 3) if tool in OURS and train_s is not None else ""
             conv = "" if rec.get("converged") in (None, True) else " (not converged)"
             parts = ""
-            if tool == "ours":
+            if tool in OURS:
+                mode = rec.get("details", {}).get("likelihood")
+                label += f" [{mode} weights]" if mode and tool == "ours" else ""
                 tm = rec.get("details", {}).get("timings_s", {})
                 parts = f"{_fmt(tm.get('posterior_draws_s'))} / {_fmt(tm.get('fit_s'))}"
             lines.append(
@@ -244,7 +250,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     sims = sorted((d for d in results["datasets"].values() if d["kind"] == "simulated"), key=lambda d: d["n"])
-    colors = {"ours": "C0", "nlme": "C1", "saem": "C2", "nuts": "C3"}
+    colors = {"ours": "C0", "ours-exact": "C4", "ours-amortized": "C5", "nlme": "C1", "saem": "C2", "nuts": "C3"}
     series: dict[str, list[tuple[int, dict[str, Any]]]] = {t: [] for t in TOOLS}
     for d in sims:
         for tool, rec in d["fits"].items():
@@ -258,7 +264,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
             continue
         n = [p[0] for p in pts]
         ax.plot(n, [p[1]["fit_s"] for p in pts], "o-", color=colors[tool], label=LABELS[tool])
-        if tool == "ours" and train_s is not None:
+        if tool == "ours" and train_s is not None:  # the variants share the same training
             ax.plot(n, [p[1]["fit_s"] + train_s for p in pts], "o--", color=colors[tool], alpha=0.6,
                     label=f"{LABELS[tool]} + one-off training ({train_s / 60:.0f} min)")
     ax.set_xscale("log")
@@ -315,7 +321,13 @@ time, each in its own process:
   whole `run_inference` call: loading the estimator (~10 s of JAX start-up and compilation at any n), posterior
   draws, multistart, Wald SEs, writing the results folder with its plots; the next column splits out the posterior
   draws (the only step that grows with n × draws through the network) and the population fit itself, which is all
-  that a refit with another population model costs. "+ training" adds the one-off training time of the estimator
+  that a refit with another population model costs. With `likelihood="auto"` (the package default) the objective
+  uses **exact weights** p(y|φ)/q(φ|y) (the estimator as importance proposal for the individual model's own
+  likelihood) when individuals × draws × time points is small enough and the estimator is a good proposal, and the
+  paper's **amortized weights** 1/p(φ) otherwise; the table says which one each fit used ("[exact weights]" /
+  "[amortized weights]"). The rows "exact weights forced" / "amortized weights forced" (`--tools ours-exact
+  ours-amortized`) refit some of the same data sets with the choice forced, to separate the two.
+  "+ training" adds the one-off training time of the estimator
   (`train_time_s` in its `meta.json`: {_fmt(train_s)} s), paid once for every data set and population model.
 - **R nlme** (Lindstrom–Bates; {env.get('R', 'R not available')}): `SSfol` reparameterised from (lKe, lKa, lCl) to
   (lKa, lKe, lV) with lCl = lV + lKe (SSfol's analytic gradient, chained), so that `pdDiag(lKa + lKe + lV ~ 1)` is
@@ -386,7 +398,8 @@ def findings(results: dict[str, Any]) -> str:
             if t == "ours" or not r.get("fit_s"):
                 continue
             parts.append(f"{LABELS[t]} {_fmt(r['fit_s'])} s (amortized-nlme / {LABELS[t]}: "
-                         f"{_ratio(ours['fit_s'] / r['fit_s'])}; RMS error vs truth {_fmt(r['score'].get('rms_vs_truth'), 2)})")
+                         f"{_ratio(ours['fit_s'] / r['fit_s'])}; RMS error vs truth "
+                         f"{_fmt(r['score'].get('rms_vs_truth'), 2)})")
         out.append(f"- n = {d['n']:,}: amortized-nlme {_fmt(ours['fit_s'])} s (RMS error vs truth "
                    f"{_fmt(ours['score'].get('rms_vs_truth'), 2)}); " + "; ".join(parts) + ".")
     for d in [results["datasets"].get("theophylline", {})] + sims:
@@ -396,6 +409,15 @@ def findings(results: dict[str, Any]) -> str:
             out.append(f"- {where}, every tool's estimate scored by the same importance-sampling −2LL (lower is "
                        "better): " + "; ".join(f"{LABELS[t]} {v[0]:.1f} ± {v[1]:.1f}" for t, v in common.items())
                        + ".")
+    ours_runs = [(d["n"], d["fits"]["ours"]) for d in sims if d["fits"].get("ours", {}).get("ok")]
+    if ours_runs and max(n for n, _ in ours_runs) < 100_000:
+        n, rec = max(ours_runs, key=lambda x: x[0])
+        tm, m = rec.get("details", {}).get("timings_s", {}), rec.get("details", {}).get("n_draws")
+        if tm.get("posterior_draws_s") and m:
+            rate = n * m / tm["posterior_draws_s"]
+            out.append(f"- n = 100,000 (amortized-nlme alone) was not run here: at the {rate:,.0f} posterior draws/s "
+                       f"measured at n = {n:,} on this machine, its 100,000 × 1,000 draws alone would take about "
+                       f"{1e8 / rate / 60:.0f} min (a GPU should make this step much faster; not measured here).")
     for d in sims:
         missing = [f"{LABELS[t]}: {r['message'][:200]}" for t, r in d["fits"].items() if not (r["available"] and r["ok"])]
         if missing:
@@ -425,7 +447,7 @@ def worker(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     data, work, record = Path(args.data), Path(args.work), Path(args.record)
     if args.worker == "ours":
-        rec = pt.fit_ours(data, work, Path(args.estimator), marginal=args.marginal)
+        rec = pt.fit_ours(data, work, Path(args.estimator), marginal=args.marginal, likelihood=args.likelihood)
     elif args.worker == "saem":
         rec = pt.fit_saem(data)
     elif args.worker == "nuts":
@@ -484,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--record", help=argparse.SUPPRESS)
     ap.add_argument("--marginal", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--likelihood", default="auto", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
@@ -493,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     ensure_setup(args.tools, not args.no_setup)
     estimator = Path(args.tiny_estimator) if args.tiny_estimator else Path(args.estimator)
-    if args.tiny_estimator and "ours" in args.tools:
+    if args.tiny_estimator and set(OURS) & set(args.tools):
         tiny_estimator(estimator)
 
     results_path = Path(args.results)
@@ -505,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         "R": r_ver if r_ok else f"R nlme not available: {r_ver}", "pynlme": s_ver if s_ok else s_ver,
         "numpyro": pt.nuts_status()[1], "python": platform.python_version(),
     }
-    if "ours" in args.tools:
+    if set(OURS) & set(args.tools):
         results["estimator"] = {"path": str(estimator.relative_to(REPO) if estimator.is_relative_to(REPO)
                                             else estimator), "tiny": bool(args.tiny_estimator)}
         results["ours_train_time_s"] = pt.estimator_train_time(estimator)
@@ -517,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs: list[tuple[str, int | None]] = [] if args.no_theophylline else [("theophylline", None)]
     jobs += [(f"sim-n{n}", n) for n in sorted(args.sizes)]
     for name, n in jobs:
-        tools = [t for t in args.tools if n is None or t == "ours"
+        tools = [t for t in args.tools if n is None or t in OURS
                  or (n <= args.peer_max_n and (t != "nuts" or n <= args.nuts_max_n))]
         d_work = work / name
         d_work.mkdir(parents=True, exist_ok=True)
