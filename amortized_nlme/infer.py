@@ -346,7 +346,7 @@ def likelihood_drawset(estimator: TrainedEstimator, model: IndividualModel, obse
 def split_drawset(ctx: InferenceContext, n_sets: int) -> list[DrawSet]:
     """Disjoint subsets of the draws (every n_sets-th draw): independent draw sets for the Monte-Carlo error of the
     estimates without sampling again."""
-    return [DrawSet(ctx.drawset.draws[:, r::n_sets], ctx.model.prior) for r in range(n_sets)]
+    return [ctx.drawset.take_draws(slice(r, None, n_sets)) for r in range(n_sets)]
 
 
 def run_inference(opts: InferenceOptions) -> Path:

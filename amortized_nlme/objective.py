@@ -64,6 +64,14 @@ class DrawSet:
         self.kind = "amortized"
         logger.debug("draw set: %d individuals x %d draws x %d parameters", *draws.shape)
 
+    def take_draws(self, index: slice | np.ndarray) -> "DrawSet":
+        """The same individuals with a subset of their draws and the same kind of weights (disjoint subsets are
+        independent draw sets, e.g. for the Monte-Carlo error of the estimates)."""
+        ds = DrawSet(self.draws[:, index], self.prior, self.ids)
+        ds.log_prior = np.ascontiguousarray(self.log_prior[:, index])
+        ds.kind = self.kind
+        return ds
+
     @classmethod
     def with_likelihood(cls, draws: np.ndarray, prior: NormalPrior, log_q: np.ndarray, log_lik: np.ndarray,
                         ids: Sequence[Any] | None = None) -> "DrawSet":

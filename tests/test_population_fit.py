@@ -281,3 +281,21 @@ def test_low_ess_individuals_are_reported(lg: LinearGaussian) -> None:
     transformed = model.transform(th)
     assert transformed["omega_sd"]["a"] == pytest.approx(0.02)
     assert transformed["natural_mean"]["a"] == pytest.approx(np.exp(th[0]))
+
+
+def test_take_draws_keeps_the_kind_of_weights() -> None:
+    """Disjoint draw subsets (Monte-Carlo error of the estimates) keep exact-likelihood weights when they had them."""
+    from amortized_nlme.model import NormalPrior
+
+    prior = NormalPrior(("a", "b"), np.zeros(2), np.ones(2))
+    rng = np.random.default_rng(0)
+    draws = rng.standard_normal((5, 12, 2))
+    log_q, log_lik = rng.standard_normal((5, 12)), rng.standard_normal((5, 12))
+    exact = DrawSet.with_likelihood(draws, prior, log_q, log_lik)
+    sub = exact.take_draws(slice(1, None, 3))
+    assert sub.kind == "likelihood" and sub.M == 4
+    np.testing.assert_array_equal(sub.draws, draws[:, 1::3])
+    np.testing.assert_allclose(sub.log_prior, (log_q - log_lik)[:, 1::3])
+    amortized = DrawSet(draws, prior).take_draws(slice(0, None, 2))
+    assert amortized.kind == "amortized"
+    np.testing.assert_allclose(amortized.log_prior, prior.log_prob(draws[:, ::2]))
