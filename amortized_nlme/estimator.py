@@ -11,12 +11,10 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -515,14 +513,3 @@ class TrainedEstimator:
 def load_estimator(path: str | os.PathLike, model: IndividualModel) -> TrainedEstimator:
     """Shorthand for :meth:`TrainedEstimator.load`."""
     return TrainedEstimator.load(path, model)
-
-
-def select_individuals(observations: np.ndarray, design: Design, index: np.ndarray | slice
-                       ) -> tuple[np.ndarray, Design]:
-    """Rows ``index`` of observations and design (for batching and subsets)."""
-    return observations[index], take_design(design, index)
-
-
-def remove_checkpoint(out_dir: str | os.PathLike) -> None:
-    """Delete the checkpoint folder once an estimator is exported and checked (it is not shipped)."""
-    shutil.rmtree(Path(out_dir) / CHECKPOINT_DIR, ignore_errors=True)

@@ -138,10 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     ref_model = build_model(base, sorted(REFERENCE["relations"]), covariate_columns(["lwt", "sex"], cov))
     ref_fit = next((v for v in result.visited if set(v.relations) == REFERENCE["relations"]), None)
     if ref_fit is None:  # not possible in an exhaustive search, kept for other strategies
-        fr = fit(ref_model, draws, cov, n_starts=args.starts, seed=args.seed, wald=False)
-        ref_est, ref_J = fr.estimate, fr.fval
+        ref_est = fit(ref_model, draws, cov, n_starts=args.starts, seed=args.seed, wald=False).estimate
     else:
-        ref_est, ref_J = ref_fit.estimate, ref_fit.objective
+        ref_est = ref_fit.estimate
     ref_ml = ref_fit.marginal if ref_fit is not None and ref_fit.marginal is not None else \
         sampler.evaluate(ref_model, ref_est, cov)
 

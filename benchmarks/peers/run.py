@@ -37,7 +37,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import numpy as np  # noqa: E402
 
 import peer_tools as pt  # noqa: E402
 
@@ -194,7 +193,6 @@ def simulation_table(results: dict[str, Any]) -> str:
                 lines.append(f"| {d['n']:,} | {label} | {why}: {rec['message'][:120]} |" + " |" * 12)
                 continue
             s = rec.get("score", {})
-            cov = s.get("coverage")
             plus = _fmt(rec["fit_s"] + train_s, 3) if tool in OURS and train_s is not None else ""
             conv = "" if rec.get("converged") in (None, True) else " (not converged)"
             parts = ""
