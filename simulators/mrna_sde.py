@@ -22,21 +22,21 @@ from simulators.solvers import SUCCESS, make_euler_maruyama, observed_times
 DT = 0.01
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, fastmath={"contract"})
 def _drift(t: float, y: np.ndarray, p: np.ndarray, out: np.ndarray) -> None:
     """Drift of (m, p); ``p = (delta, gamma, k)``."""
     out[0] = -p[0] * y[0]
     out[1] = p[2] * y[0] - p[1] * y[1]
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, fastmath={"contract"})
 def _diffusion(t: float, y: np.ndarray, p: np.ndarray, out: np.ndarray) -> None:
     """Diagonal noise amplitudes sqrt(propensities) of (m, p)."""
     out[0] = np.sqrt(max(p[0] * y[0], 0.0))
     out[1] = np.sqrt(max(p[2] * y[0] + p[1] * y[1], 0.0))
 
 
-_solve = make_euler_maruyama(_drift, _diffusion)
+_solve = make_euler_maruyama(_drift, _diffusion, dim=2)
 
 
 @nb.njit(parallel=True, cache=True)

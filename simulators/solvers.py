@@ -50,11 +50,10 @@ def no_doses() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@nb.njit(cache=True)
-def _err_norm(err: np.ndarray, y0: np.ndarray, y1: np.ndarray, rtol: float, atol: float) -> float:
-    """Hairer's RMS error norm with scale atol + rtol*max(|y0|, |y1|)."""
+@nb.njit(cache=True, inline="always")
+def _err_norm(err: np.ndarray, y0: np.ndarray, y1: np.ndarray, rtol: float, atol: float, n: int) -> float:
+    """Hairer's RMS error norm with scale atol + rtol*max(|y0|, |y1|) over the first ``n`` components."""
     s = 0.0
-    n = err.size
     for i in range(n):
         sk = atol + rtol * max(abs(y0[i]), abs(y1[i]))
         e = err[i] / sk
@@ -191,7 +190,7 @@ def make_dopri5(rhs: Callable) -> Callable:
             rhs(t + h, ynew, p, k7)
             for i in range(n):
                 ytmp[i] = h * (_E1 * k1[i] + _E3 * k3[i] + _E4 * k4[i] + _E5 * k5[i] + _E6 * k6[i] + _E7 * k7[i])
-            err = _err_norm(ytmp, y, ynew, rtol, atol)
+            err = _err_norm(ytmp, y, ynew, rtol, atol, n)
             if not np.isfinite(err):
                 err = 1e10  # treat overflow as a rejected step; repeated failure ends in STEP_TOO_SMALL
             fac11 = err ** expo1
@@ -305,19 +304,20 @@ _RH31, _RH32, _RH33, _RH34, _RH35 = (-0.6762803392801253, 6.087714651680015, 16.
                                      24.76722511418386, -6.594389125716872)
 
 
-@nb.njit(cache=True)
-def _lu_factor(A: np.ndarray, piv: np.ndarray) -> bool:
-    """In-place LU with partial pivoting of a small dense matrix; False if singular."""
-    n = A.shape[0]
+@nb.njit(cache=True, inline="always")
+def _lu_factor(A: np.ndarray, piv: np.ndarray, dinv: np.ndarray, n: int) -> bool:
+    """In-place LU with partial pivoting of a small dense matrix; ``dinv`` gets the reciprocals of U's diagonal
+    (so that the solves multiply instead of divide); ``n`` is the dimension. False if singular."""
     for k in range(n):
         m = k
         big = abs(A[k, k])
         for i in range(k + 1, n):
-            if abs(A[i, k]) > big:
-                big = abs(A[i, k])
+            a = abs(A[i, k])
+            if a > big:
+                big = a
                 m = i
         piv[k] = m
-        if big == 0.0 or not np.isfinite(big):
+        if big == 0.0 or not big < np.inf:
             return False
         if m != k:
             for c in range(n):
@@ -325,26 +325,24 @@ def _lu_factor(A: np.ndarray, piv: np.ndarray) -> bool:
                 A[k, c] = A[m, c]
                 A[m, c] = tmp
         inv = 1.0 / A[k, k]
+        dinv[k] = inv
         for i in range(k + 1, n):
-            A[i, k] *= inv
-            f = A[i, k]
-            if f != 0.0:
-                for c in range(k + 1, n):
-                    A[i, c] -= f * A[k, c]
+            f = A[i, k] * inv
+            A[i, k] = f
+            for c in range(k + 1, n):
+                A[i, c] -= f * A[k, c]
     return True
 
 
-@nb.njit(cache=True)
-def _lu_solve(LU: np.ndarray, piv: np.ndarray, b: np.ndarray) -> None:
-    """Solve ``LU x = b`` in place (``b`` becomes ``x``)."""
-    n = LU.shape[0]
+@nb.njit(cache=True, inline="always")
+def _lu_solve(LU: np.ndarray, piv: np.ndarray, dinv: np.ndarray, b: np.ndarray, n: int) -> None:
+    """Solve ``LU x = b`` in place (``b`` becomes ``x``) with the factors of :func:`_lu_factor`."""
     for k in range(n):
         m = piv[k]
-        if m != k:
-            tmp = b[k]
-            b[k] = b[m]
-            b[m] = tmp
-    for i in range(n):
+        tmp = b[k]
+        b[k] = b[m]
+        b[m] = tmp
+    for i in range(1, n):
         s = b[i]
         for c in range(i):
             s -= LU[i, c] * b[c]
@@ -353,17 +351,32 @@ def _lu_solve(LU: np.ndarray, piv: np.ndarray, b: np.ndarray) -> None:
         s = b[i]
         for c in range(i + 1, n):
             s -= LU[i, c] * b[c]
-        b[i] = s / LU[i, i]
+        b[i] = s * dinv[i]
 
 
+@nb.njit(cache=True)
+def _never_diverges(t: float, y: np.ndarray, p: np.ndarray, t_final: float) -> bool:
+    return False
 
-def make_rodas4(rhs: Callable, jac: Callable | None = None) -> Callable:
+
+def make_rodas4(rhs: Callable, jac: Callable | None = None, dim: int | None = None,
+                diverges: Callable | None = None) -> Callable:
     """Build an adaptive stiff Rodas4 solver for the jitted ``rhs``; ``jac(t, y, p, J)`` is the analytic
     Jacobian (``None``: forward differences).
 
     The returned jitted ``solve(p, y0, t0, t_out, ev_times, ev_amounts, ev_cmt, rtol, atol, max_steps,
-    autonomous)`` gives ``(Y [len(t_out), d], status)``; ``autonomous=True`` skips df/dt.
+    autonomous)`` gives ``(Y [len(t_out), d], status)``; ``autonomous=True`` skips df/dt. ``dim``, when given, is the
+    number of states ``d`` as a compile-time constant: the loops over the states and the LU of the ``[d, d]`` iteration
+    matrix are then fully unrolled (several times faster for small systems); the solver then requires ``y0.size ==
+    dim``. ``None`` works for any ``d``.
+
+    ``diverges(t, y, p, t_final) -> bool``, optional, is a model's proof of blow-up: it may return True only when the
+    exact solution from ``(t, y)`` is certain to exceed ``DIVERGENCE_BOUND`` in magnitude before ``t_final`` (the last
+    output time), with a margin that covers the integration error. The solver checks it every 8 accepted steps and
+    then stops with ``DIVERGED``, the status it would otherwise reach thousands of steps later.
     """
+    DIM = 0 if dim is None else int(dim)
+    div_check = _never_diverges if diverges is None else diverges
     initial_step = _make_initial_step(rhs)
 
     if jac is None:
@@ -392,16 +405,16 @@ def make_rodas4(rhs: Callable, jac: Callable | None = None) -> Callable:
             """Analytic Jacobian, called with the finite-difference signature."""
             jac(t, y, p, J)
 
-    @nb.njit
+    @nb.njit(fastmath={"contract"})
     def segment(p: np.ndarray, y: np.ndarray, t: float, t_end: float, t_out: np.ndarray,
                 Y: np.ndarray, j: int, rtol: float, atol: float, max_steps: int, steps: int, autonomous: bool,
-                W: np.ndarray, J: np.ndarray, M: np.ndarray, piv: np.ndarray):
+                W: np.ndarray, J: np.ndarray, M: np.ndarray, piv: np.ndarray, dinv: np.ndarray):
         """Integrate ``y`` in place from ``t`` to ``t_end`` with Rodas4, writing outputs ``t < t_out[j] <= t_end``
         from the 3rd-order continuous extension (Hairer's rodas.f).
 
         Returns ``(j, steps, status)``; ``W`` is a ``[13, d]`` work array, ``J``/``M`` are ``[d, d]``.
         """
-        n = y.size
+        n = DIM if DIM > 0 else y.size
         f0, fx, k1, k2, k3, k4, k5, k6, ytmp, ynew, ftmp, h2, h3 = (W[0], W[1], W[2], W[3], W[4], W[5], W[6],
                                                                      W[7], W[8], W[9], W[10], W[11], W[12])
         T = t_out.size
@@ -410,6 +423,7 @@ def make_rodas4(rhs: Callable, jac: Callable | None = None) -> Callable:
             return j, steps, SUCCESS
         rhs(t, y, p, f0)
         h = initial_step(t, y, p, f0, span, 4, rtol, atol, ytmp, ftmp)
+        accepted = 0
         need_jac = True
         last_rejected = False
         while True:
@@ -437,7 +451,7 @@ def make_rodas4(rhs: Callable, jac: Callable | None = None) -> Callable:
                 for c in range(n):
                     M[r, c] = -J[r, c]
                 M[r, r] += fac1
-            if not _lu_factor(M, piv):
+            if not _lu_factor(M, piv, dinv, n):
                 h *= 0.25
                 last_rejected = True
                 continue
@@ -445,43 +459,43 @@ def make_rodas4(rhs: Callable, jac: Callable | None = None) -> Callable:
             ih = 1.0 / h
             for i in range(n):
                 k1[i] = f0[i] + hd1 * fx[i]
-            _lu_solve(M, piv, k1)
+            _lu_solve(M, piv, dinv, k1, n)
             for i in range(n):
                 ytmp[i] = y[i] + _RA21 * k1[i]
             rhs(t + _RC2 * h, ytmp, p, ftmp)
             for i in range(n):
                 k2[i] = ftmp[i] + hd2 * fx[i] + ih * _RC21 * k1[i]
-            _lu_solve(M, piv, k2)
+            _lu_solve(M, piv, dinv, k2, n)
             for i in range(n):
                 ytmp[i] = y[i] + _RA31 * k1[i] + _RA32 * k2[i]
             rhs(t + _RC3 * h, ytmp, p, ftmp)
             for i in range(n):
                 k3[i] = ftmp[i] + hd3 * fx[i] + ih * (_RC31 * k1[i] + _RC32 * k2[i])
-            _lu_solve(M, piv, k3)
+            _lu_solve(M, piv, dinv, k3, n)
             for i in range(n):
                 ytmp[i] = y[i] + _RA41 * k1[i] + _RA42 * k2[i] + _RA43 * k3[i]
             rhs(t + _RC4 * h, ytmp, p, ftmp)
             for i in range(n):
                 k4[i] = ftmp[i] + hd4 * fx[i] + ih * (_RC41 * k1[i] + _RC42 * k2[i] + _RC43 * k3[i])
-            _lu_solve(M, piv, k4)
+            _lu_solve(M, piv, dinv, k4, n)
             for i in range(n):
                 ytmp[i] = y[i] + _RA51 * k1[i] + _RA52 * k2[i] + _RA53 * k3[i] + _RA54 * k4[i]
             rhs(t + h, ytmp, p, ftmp)
             for i in range(n):
                 k5[i] = ftmp[i] + ih * (_RC51 * k1[i] + _RC52 * k2[i] + _RC53 * k3[i] + _RC54 * k4[i])
-            _lu_solve(M, piv, k5)
+            _lu_solve(M, piv, dinv, k5, n)
             for i in range(n):
                 ytmp[i] += k5[i]  # embedded 3rd-order solution
             rhs(t + h, ytmp, p, ftmp)
             for i in range(n):
                 k6[i] = ftmp[i] + ih * (_RC61 * k1[i] + _RC62 * k2[i] + _RC63 * k3[i] + _RC64 * k4[i] + _RC65 * k5[i])
-            _lu_solve(M, piv, k6)
+            _lu_solve(M, piv, dinv, k6, n)
             for i in range(n):
                 ynew[i] = ytmp[i] + k6[i]
-            err = _err_norm(k6, y, ynew, rtol, atol)
+            err = _err_norm(k6, y, ynew, rtol, atol, n)
             if not np.isfinite(err):
                 err = 1e10
-            fac = max(1.0 / 6.0, min(5.0, err ** 0.25 / 0.9))
+            fac = max(1.0 / 6.0, min(5.0, np.sqrt(np.sqrt(err)) / 0.9))
             hnew = h / fac
             if err <= 1.0:
                 t_new = t_end if final else t + h
@@ -506,6 +520,9 @@ def make_rodas4(rhs: Callable, jac: Callable | None = None) -> Callable:
                         return j, steps, DIVERGED
                 if final:
                     return j, steps, SUCCESS
+                accepted += 1
+                if (accepted & 7) == 0 and div_check(t, y, p, t_out[T - 1]):
+                    return j, steps, DIVERGED
                 rhs(t, y, p, f0)
                 need_jac = True
                 if last_rejected:
@@ -527,12 +544,15 @@ def make_rodas4(rhs: Callable, jac: Callable | None = None) -> Callable:
         skips the time derivative df/dt. Returns ``(Y [len(t_out), d], status)``.
         """
         n = y0.size
+        if DIM > 0 and n != DIM:
+            raise ValueError("y0.size differs from the solver's dim")
         T = t_out.size
         Y = np.empty((T, n))
         W = np.empty((13, n))
         J = np.empty((n, n))
         M = np.empty((n, n))
         piv = np.empty(n, dtype=np.int64)
+        dinv = np.empty(n)
         y = y0.copy()
         j = 0
         while j < T and t_out[j] <= t0:
@@ -554,7 +574,7 @@ def make_rodas4(rhs: Callable, jac: Callable | None = None) -> Callable:
             if e < E and ev_times[e] < t_last:
                 t_next = ev_times[e]
             j, steps, status = segment(p, y, t, t_next, t_out, Y, j, rtol, atol, max_steps, steps,
-                                               autonomous, W, J, M, piv)
+                                               autonomous, W, J, M, piv, dinv)
             if status != SUCCESS:
                 break
             t = t_next
@@ -594,24 +614,38 @@ def rng_init(seed: int) -> np.ndarray:
     return s
 
 
+@nb.njit(cache=True, inline="always")
+def _xoshiro(s0: np.uint64, s1: np.uint64, s2: np.uint64, s3: np.uint64):
+    """One xoshiro256+ step on a state held in scalars: ``(output, s0, s1, s2, s3)`` (the low 3 output bits are weak;
+    callers use the upper bits). Keeping the state in registers instead of an array is what makes it cheap."""
+    result = s0 + s3
+    t = s1 << _U64(17)
+    s2 ^= s0
+    s3 ^= s1
+    s1 ^= s2
+    s0 ^= s3
+    s2 ^= t
+    s3 = (s3 << _U64(45)) | (s3 >> _U64(19))
+    return result, s0, s1, s2, s3
+
+
 @nb.njit(cache=True)
 def _rng_next(s: np.ndarray) -> np.uint64:
-    """Next raw 64-bit xoshiro256+ output (the low 3 bits are weak; callers use the upper bits)."""
-    result = s[0] + s[3]
-    t = s[1] << _U64(17)
-    s[2] ^= s[0]
-    s[3] ^= s[1]
-    s[1] ^= s[2]
-    s[0] ^= s[3]
-    s[2] ^= t
-    s[3] = _rotl(s[3], 45)
-    return result
+    """Next raw 64-bit xoshiro256+ output of the array state ``s`` (advanced in place)."""
+    r, s[0], s[1], s[2], s[3] = _xoshiro(s[0], s[1], s[2], s[3])
+    return r
+
+
+@nb.njit(cache=True, inline="always")
+def _unit53(bits: np.uint64) -> float:
+    """Uniform double in [0, 1) from the top 53 bits (converted through int64: exact, and cheaper than from uint64)."""
+    return float(np.int64(bits >> _U64(11))) * (1.0 / 9007199254740992.0)
 
 
 @nb.njit(cache=True)
 def rng_uniform(s: np.ndarray) -> float:
     """Uniform double in [0, 1) from the top 53 bits of one xoshiro256+ output."""
-    return float(_rng_next(s) >> _U64(11)) * (1.0 / 9007199254740992.0)
+    return _unit53(_rng_next(s))
 
 
 def _ziggurat_tables(c: int = 128, r: float = 3.442619855899, v: float = 9.91256303526217e-3):
@@ -632,34 +666,56 @@ _ZIG_R = 3.442619855899
 
 
 @nb.njit(cache=True)
-def rng_normal(s: np.ndarray) -> float:
-    """Standard normal by the ziggurat method: one 64-bit draw (53 bits for u, 7 for the layer) ~99 % of the time."""
+def _ziggurat_slow(u: float, i: int, s0: np.uint64, s1: np.uint64, s2: np.uint64, s3: np.uint64):
+    """The ziggurat's rare branch (~1 % of draws): base-layer tail or wedge test for the draw ``(u, i)`` that failed
+    the fast test. Returns ``(accepted, z, s0, s1, s2, s3)``; not accepted means draw again."""
+    if i == 0:  # base layer: sample the tail beyond R (Marsaglia 1964)
+        while True:
+            b, s0, s1, s2, s3 = _xoshiro(s0, s1, s2, s3)
+            x = np.log(1.0 - _unit53(b)) / _ZIG_R
+            b, s0, s1, s2, s3 = _xoshiro(s0, s1, s2, s3)
+            y = np.log(1.0 - _unit53(b))
+            if -2.0 * y >= x * x:
+                return True, (x - _ZIG_R if u < 0.0 else _ZIG_R - x), s0, s1, s2, s3
+    x = u * _ZIG_X[i]
+    f0 = np.exp(-0.5 * (_ZIG_X[i] * _ZIG_X[i] - x * x))
+    f1 = np.exp(-0.5 * (_ZIG_X[i + 1] * _ZIG_X[i + 1] - x * x))
+    b, s0, s1, s2, s3 = _xoshiro(s0, s1, s2, s3)
+    return f1 + _unit53(b) * (f0 - f1) < 1.0, x, s0, s1, s2, s3
+
+
+@nb.njit(cache=True, inline="always")
+def _normal(s0: np.uint64, s1: np.uint64, s2: np.uint64, s3: np.uint64):
+    """Standard normal by the ziggurat method from a scalar xoshiro256+ state: ``(z, s0, s1, s2, s3)``. One 64-bit
+    draw (53 bits for u, 7 for the layer) ~99 % of the time; the rare branch is out of line."""
     while True:
-        bits = _rng_next(s)
-        u = 2.0 * (float(bits >> _U64(11)) * (1.0 / 9007199254740992.0)) - 1.0
-        i = int((bits >> _U64(3)) & _U64(127))
+        bits, s0, s1, s2, s3 = _xoshiro(s0, s1, s2, s3)
+        u = 2.0 * _unit53(bits) - 1.0
+        i = np.int64((bits >> _U64(3)) & _U64(127))
         if abs(u) < _ZIG_RATIO[i]:
-            return u * _ZIG_X[i]
-        if i == 0:  # base layer: sample the tail beyond R (Marsaglia 1964)
-            while True:
-                x = np.log(1.0 - rng_uniform(s)) / _ZIG_R
-                y = np.log(1.0 - rng_uniform(s))
-                if -2.0 * y >= x * x:
-                    return x - _ZIG_R if u < 0.0 else _ZIG_R - x
-        x = u * _ZIG_X[i]
-        f0 = np.exp(-0.5 * (_ZIG_X[i] * _ZIG_X[i] - x * x))
-        f1 = np.exp(-0.5 * (_ZIG_X[i + 1] * _ZIG_X[i + 1] - x * x))
-        if f1 + rng_uniform(s) * (f0 - f1) < 1.0:
-            return x
+            return u * _ZIG_X[i], s0, s1, s2, s3
+        ok, z, s0, s1, s2, s3 = _ziggurat_slow(u, i, s0, s1, s2, s3)
+        if ok:
+            return z, s0, s1, s2, s3
 
 
-def make_euler_maruyama(drift: Callable, diffusion: Callable) -> Callable:
+@nb.njit(cache=True)
+def rng_normal(s: np.ndarray) -> float:
+    """Standard normal by the ziggurat method from the array state ``s`` (the same stream as the solvers' draws)."""
+    z, s[0], s[1], s[2], s[3] = _normal(s[0], s[1], s[2], s[3])
+    return z
+
+
+def make_euler_maruyama(drift: Callable, diffusion: Callable, dim: int | None = None) -> Callable:
     """Build a fixed-step Euler-Maruyama solver for ``dy = drift dt + diag(diffusion) dB``.
 
     The returned jitted ``solve(p, y0, t0, t_out, dt, seed, clip_nonneg)`` gives ``(Y [len(t_out), d], status)``.
+    ``dim``, when given, is ``d`` as a compile-time constant (unrolled loops over the states; ``y0.size`` must equal
+    it); ``None`` works for any ``d``.
     """
+    DIM = 0 if dim is None else int(dim)
 
-    @nb.njit
+    @nb.njit(fastmath={"contract"})
     def solve(p: np.ndarray, y0: np.ndarray, t0: float, t_out: np.ndarray, dt: float,
               seed: int, clip_nonneg: bool = False):
         """Euler-Maruyama with fixed step ``dt`` (the last step before an output is shortened to land on it).
@@ -669,12 +725,18 @@ def make_euler_maruyama(drift: Callable, diffusion: Callable) -> Callable:
         models). Returns ``(Y [len(t_out), d], status)``; a non-finite state gives NaN rows and a failure status.
         """
         n = y0.size
+        if DIM > 0 and n != DIM:
+            raise ValueError("y0.size differs from the solver's dim")
+        if DIM > 0:
+            n = DIM
         T = t_out.size
         Y = np.empty((T, n))
         y = y0.copy()
         f = np.empty(n)
         g = np.empty(n)
-        s = rng_init(seed)
+        st = rng_init(seed)
+        s0, s1, s2, s3 = st[0], st[1], st[2], st[3]
+        sqdt = np.sqrt(dt)
         j = 0
         while j < T and t_out[j] <= t0:
             Y[j, :] = y
@@ -689,11 +751,15 @@ def make_euler_maruyama(drift: Callable, diffusion: Callable) -> Callable:
                     h = dt
                 drift(t, y, p, f)
                 diffusion(t, y, p, g)
-                sh = np.sqrt(h)
+                sh = sqdt if h == dt else np.sqrt(h)
                 for i in range(n):
-                    y[i] += f[i] * h + g[i] * sh * rng_normal(s)
-                    if clip_nonneg and y[i] < 0.0:
-                        y[i] = 0.0
+                    z, s0, s1, s2, s3 = _normal(s0, s1, s2, s3)
+                    # (y + h f) + g (sqrt(h) z): the same Euler-Maruyama increment, grouped so that only one
+                    # multiply-add follows the (state-dependent, slow) square root of the diffusion
+                    v = (y[i] + f[i] * h) + g[i] * (sh * z)
+                    if clip_nonneg and v < 0.0:
+                        v = 0.0
+                    y[i] = v
                 t += h
             t = t_stop
             if not _all_finite(y):
@@ -715,8 +781,28 @@ def make_euler_maruyama(drift: Callable, diffusion: Callable) -> Callable:
 
 @nb.njit(cache=True)
 def observed_times(times: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted observed times of one padded design row and their column indices (solvers need sorted outputs)."""
-    idx = np.flatnonzero(mask)
-    t = times[idx]
+    """Sorted observed times of one padded design row and their column indices (solvers need sorted outputs).
+
+    Rows already in order (the usual case) skip the sort; the result is the same as a stable sort's.
+    """
+    count = 0
+    in_order = True
+    last = -np.inf
+    for k in range(times.size):
+        if mask[k]:
+            if not times[k] >= last:  # also catches NaN
+                in_order = False
+            last = times[k]
+            count += 1
+    idx = np.empty(count, dtype=np.int64)
+    t = np.empty(count)
+    c = 0
+    for k in range(times.size):
+        if mask[k]:
+            idx[c] = k
+            t[c] = times[k]
+            c += 1
+    if in_order:
+        return t, idx
     order = np.argsort(t, kind="mergesort")
     return t[order], idx[order]

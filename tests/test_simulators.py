@@ -132,6 +132,26 @@ def test_detailed_jacobian_matches_finite_differences() -> None:
         np.testing.assert_allclose((f1 - f0) / 1e-7, J[:, c], rtol=1e-5, atol=1e-6)
 
 
+def test_detailed_divergence_proof_changes_no_result() -> None:
+    # the early DIVERGED (``_diverges``) only saves the steps of following e up to the bound: the same draws fail,
+    # and every other solve is bit-for-bit the one without it
+    from simulators.mrna_detailed import ATOL, MAX_STEPS, RTOL, _natural, _solve
+    from simulators.solvers import SUCCESS, make_rodas4
+
+    plain = make_rodas4(_rhs, _jac, dim=4)
+    _, phi, _ = _draw("mrna_detailed", n=400, seed=8)
+    e, ei = np.empty(0), np.empty(0, np.int64)
+    failed = 0
+    for row in phi:
+        p, y0, t0, _, _ = _natural(row)
+        a, sa = plain(p, y0, t0, TIME_GRID, e, e, ei, RTOL, ATOL, MAX_STEPS, True)
+        b, sb = _solve(p, y0, t0, TIME_GRID, e, e, ei, RTOL, ATOL, MAX_STEPS, True)
+        assert (sa == SUCCESS) == (sb == SUCCESS)
+        np.testing.assert_array_equal(a, b)
+        failed += sa != SUCCESS
+    assert failed >= 3  # the prior does produce diverging draws
+
+
 def test_detailed_before_t0_is_offset() -> None:
     model = get_model("mrna_detailed")
     phi = model.prior.mean[None, :].copy()

@@ -92,6 +92,40 @@ _dopri_rob = S.make_dopri5(_robertson)
 _dopri_oral = S.make_dopri5(_oral)
 _rodas_oral = S.make_rodas4(_oral)
 _em = S.make_euler_maruyama(_em_drift, _em_diff)
+_em_dim = S.make_euler_maruyama(_em_drift, _em_diff, dim=2)
+_rodas_lin_dim = S.make_rodas4(_lin, _lin_jac, dim=3)
+
+
+@nb.njit(cache=True)
+def _growth(t, y, p, out):
+    """y' = p[0] y, counting right-hand-side evaluations in p[1]."""
+    p[1] += 1.0
+    out[0] = p[0] * y[0]
+
+
+@nb.njit(cache=True)
+def _growth_jac(t, y, p, J):
+    J[0, 0] = p[0]
+
+
+@nb.njit(cache=True)
+def _growth_diverges(t, y, p, t_final):
+    """Exact proof of blow-up for y' = a y: y(t_final) = y(t) exp(a (t_final - t))."""
+    return y[0] > 0.0 and np.log(y[0]) + p[0] * (t_final - t) > np.log(S.DIVERGENCE_BOUND) + 1.0
+
+
+_rodas_growth = S.make_rodas4(_growth, _growth_jac, dim=1)
+_rodas_growth_proof = S.make_rodas4(_growth, _growth_jac, dim=1, diverges=_growth_diverges)
+
+
+@nb.njit(cache=True)
+def _solve_growth(proof, p, t_out):
+    e = np.empty(0)
+    ei = np.empty(0, np.int64)
+    y0 = np.array([1.0])
+    if proof:
+        return _rodas_growth_proof(p, y0, 0.0, t_out, e, e, ei, 1e-6, 1e-10, 100_000, True)
+    return _rodas_growth(p, y0, 0.0, t_out, e, e, ei, 1e-6, 1e-10, 100_000, True)
 
 
 @nb.njit(cache=True)
@@ -102,6 +136,8 @@ def _solve_lin(kind, p, y0, t_out, rtol, atol):
         return _dopri_lin(p, y0, 0.0, t_out, e, e, ei, rtol, atol, 100_000)
     if kind == 1:
         return _rodas_lin(p, y0, 0.0, t_out, e, e, ei, rtol, atol, 100_000, True)
+    if kind == 3:
+        return _rodas_lin_dim(p, y0, 0.0, t_out, e, e, ei, rtol, atol, 100_000, True)
     return _rodas_lin_fd(p, y0, 0.0, t_out, e, e, ei, rtol, atol, 100_000, False)
 
 
@@ -140,11 +176,14 @@ def _solve_oral(kind, p, t_out, ev_t, ev_a, ev_c, rtol, atol):
 
 
 @nb.njit(parallel=True, cache=True)
-def _em_paths(p, y0, t_out, dt, seeds, clip):
+def _em_paths(p, y0, t_out, dt, seeds, clip, dim=False):
     n = seeds.size
     out = np.empty((n, t_out.size, y0.size))
     for i in nb.prange(n):
-        Y, _ = _em(p, y0, 0.0, t_out, dt, seeds[i], clip)
+        if dim:
+            Y, _ = _em_dim(p, y0, 0.0, t_out, dt, seeds[i], clip)
+        else:
+            Y, _ = _em(p, y0, 0.0, t_out, dt, seeds[i], clip)
         out[i] = Y
     return out
 
@@ -163,7 +202,7 @@ def _normals(seed, n):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", [0, 1, 2], ids=["dopri5", "rodas4-jac", "rodas4-fd"])
+@pytest.mark.parametrize("kind", [0, 1, 2, 3], ids=["dopri5", "rodas4-jac", "rodas4-fd", "rodas4-jac-dim"])
 def test_linear_system_matches_matrix_exponential(kind: int) -> None:
     p = np.array([1.3, 0.7, 50.0])
     y0 = np.array([1.0, 2.0, 0.5])
@@ -236,6 +275,38 @@ def test_dose_events_match_superposition(kind: int) -> None:
     assert Y[5, 0] == pytest.approx(300.0 * np.exp(-ka * 12.0), abs=1e-8)  # gut just before 2nd dose
 
 
+def test_rodas_fixed_dim_matches_generic() -> None:
+    p = np.array([1.3, 0.7, 50.0])
+    y0 = np.array([1.0, 2.0, 0.5])
+    t_out = np.linspace(0.0, 5.0, 31)
+    Y1, s1 = _solve_lin(1, p, y0, t_out, 1e-6, 1e-10)
+    Y3, s3 = _solve_lin(3, p, y0, t_out, 1e-6, 1e-10)
+    assert s1 == s3 == S.SUCCESS
+    np.testing.assert_allclose(Y3, Y1, rtol=1e-12, atol=1e-15)  # same steps; only the rounding may differ
+    with pytest.raises(ValueError):
+        _solve_lin(3, p, np.ones(2), t_out, 1e-6, 1e-10)
+
+
+def test_rodas_divergence_proof_stops_early_with_the_same_result() -> None:
+    t_out = np.linspace(0.0, 1000.0, 11)  # y = e^t passes 1e300 at t = 690.8
+    counts = []
+    for proof in (False, True):
+        p = np.array([1.0, 0.0])
+        Y, status = _solve_growth(proof, p, t_out)
+        assert status == S.DIVERGED
+        assert np.isnan(Y).all()
+        counts.append(p[1])
+    assert counts[1] < counts[0] / 10  # the proof fires long before the bound is reached
+    # a decaying solution never triggers it: identical output, and the closed form
+    ys = []
+    for proof in (False, True):
+        Y, status = _solve_growth(proof, np.array([-0.5, 0.0]), t_out[:4])
+        assert status == S.SUCCESS
+        ys.append(Y[:, 0])
+    np.testing.assert_array_equal(ys[0], ys[1])
+    np.testing.assert_allclose(ys[1], np.exp(-0.5 * t_out[:4]), rtol=1e-5, atol=1e-10)
+
+
 def test_failure_gives_nan_rows_not_exceptions() -> None:
     Y, status = _solve_rob(0, np.array([1.0, 1e5]), 1e-7, 1e-12, 50)
     assert status == S.TOO_MANY_STEPS
@@ -292,4 +363,6 @@ def test_euler_maruyama_clipping_and_reproducibility() -> None:
     assert (clipped >= 0).all()
     again = _em_paths(p, y0, t_out, 0.01, seeds, True)
     np.testing.assert_array_equal(clipped, again)  # same seeds, same paths
+    # the fixed-dimension build is the same solver: same normals, same paths
+    np.testing.assert_allclose(_em_paths(p, y0, t_out, 0.01, seeds, True, True), clipped, rtol=1e-13, atol=1e-13)
     assert np.unique(clipped[:, -1, 0]).size > 150  # different seeds, different paths
