@@ -92,7 +92,8 @@ def build_approximator(model: IndividualModel, cfg: NetworkConfig):
     """A BayesFlow ``BasicEstimator``: summary network + coupling flow, no running-moment standardization."""
     bf = _bf()
     flow = bf.networks.CouplingFlow(depth=cfg.flow_depth, transform=cfg.flow_transform,
-                                    subnet_kwargs={"widths": tuple(cfg.flow_widths)})
+                                    subnet_kwargs={"widths": tuple(cfg.flow_widths),
+                                                                   "dropout": cfg.flow_dropout})
     return bf.estimators.BasicEstimator(inference_network=flow, summary_network=build_summary_network(cfg),
                                         adapter=make_adapter(model.prior), standardize=None)
 
@@ -434,14 +435,153 @@ def file_hash(path: str | os.PathLike) -> str:
 # using a trained estimator
 
 
+#: Compiled (JAX) inference path: fixed call shapes, so that jax compiles each function once per estimator and the
+#: last batch is zero-padded instead of triggering a recompilation. Rows are (individual, draw) pairs of the flow.
+_FLOW_ROWS = 4096  # flow evaluations per compiled call (small enough to stay in the CPU caches)
+_SUMMARY_ROWS = 128  # individuals per compiled summary-network call
+_GROUP_ROWS = 1 << 20  # flow evaluations prepared at once (bounds the memory of latent noise and conditions)
+_NOISE_BLOCK = 64  # individuals per block of latent noise; a block's stream is seeded by (seed, block index)
+_NOISE_TAG = 0x5EED_F10  # keeps the latent-noise streams apart from other uses of the same integer seed
+
+
+class _CompiledFlow:
+    """The estimator's own summary network and coupling flow, traced once with ``jax.jit`` (JAX backend only).
+
+    Nothing of the networks is reimplemented: the jitted functions call the very layers BayesFlow calls
+    (``summary_network(x)``, ``inference_network(z, conditions, inverse=True)`` and ``inference_network.log_prob``),
+    with the current weights passed in through a ``keras.StatelessScope``.
+    """
+
+    def __init__(self, approximator) -> None:
+        self.summary_network = approximator.summary_network
+        self.flow = approximator.inference_network
+        self.base = self.flow.base_distribution
+        self._summary_vars = list(self.summary_network.variables)
+        self._flow_vars = list(self.flow.variables)
+        self._compiled: dict[tuple, Callable] = {}
+
+    @staticmethod
+    def unsupported_reason(approximator) -> str | None:
+        """Why the compiled path cannot reproduce ``approximator.sample`` exactly (None when it can)."""
+        keras = _keras()
+        bf = _bf()
+        if keras.backend.backend() != "jax":
+            return f"keras backend is {keras.backend.backend()!r}, not 'jax'"
+        if getattr(approximator, "summary_network", None) is None:
+            return "no summary network"
+        if not isinstance(getattr(approximator, "inference_network", None), bf.networks.CouplingFlow):
+            return "the inference network is not a CouplingFlow"
+        standardizer = getattr(approximator, "standardizer", None)
+        if standardizer is not None and standardizer.standardize:
+            return "the approximator standardizes its inputs (running moments)"
+        if type(approximator.inference_network.base_distribution).__name__ != "DiagonalNormal":
+            return "the flow's base distribution is not a DiagonalNormal"
+        return None
+
+    def _lower(self, name: str, shapes: tuple[tuple[int, ...], ...]):
+        """Trace function ``name`` for float32 inputs of ``shapes`` (the weights are arguments, not constants)."""
+        import jax
+
+        keras = _keras()
+        variables = self._summary_vars if name == "summary" else self._flow_vars
+
+        def summary(values, x):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return self.summary_network(x)  # as BayesFlow's ConditionBuilder calls it (no masks)
+
+        def inverse(values, conditions, eps):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                z = self.base._mean + self.base._std * eps  # DiagonalNormal.sample: mean + std * N(0, 1)
+                z = keras.ops.cast(z, eps.dtype)
+                return self.flow(z, conditions=conditions, inverse=True, density=False)
+
+        def log_prob(values, conditions, x):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return self.flow.log_prob(x, conditions=conditions)
+
+        fn = {"summary": summary, "inverse": inverse, "log_prob": log_prob}[name]
+        args = [jax.ShapeDtypeStruct(shape, np.float32) for shape in shapes]
+        return jax.jit(fn).lower(self._values(name), *args)
+
+    def _function(self, name: str, shapes: tuple[tuple[int, ...], ...]) -> Callable:
+        """The compiled function ``name`` for float32 inputs of ``shapes``, compiled on first use."""
+        key = (name, shapes)
+        if key not in self._compiled:
+            self._compiled[key] = self._lower(name, shapes).compile()
+        return self._compiled[key]
+
+    def _values(self, name: str) -> list:
+        return [v.value for v in (self._summary_vars if name == "summary" else self._flow_vars)]
+
+    def _run(self, name: str, rows: int, *arrays: np.ndarray, progress=None) -> np.ndarray:
+        """Apply function ``name`` to ``arrays`` (same number of rows) in zero-padded calls of ``rows`` rows."""
+        n = arrays[0].shape[0]
+        n_calls = -(-n // rows)
+        padded = []
+        for a in arrays:
+            a = np.asarray(a, dtype=np.float32)
+            if n_calls * rows != n:
+                a = np.concatenate([a, np.zeros((n_calls * rows - n, *a.shape[1:]), np.float32)])
+            padded.append(a)
+        fn = self._function(name, tuple((rows, *a.shape[1:]) for a in padded))
+        values = self._values(name)
+        # dispatch is asynchronous: queue every call, then collect the results
+        results = [fn(values, *(a[i * rows:(i + 1) * rows] for a in padded)) for i in range(n_calls)]
+        out = []
+        for i, r in enumerate(results):
+            out.append(np.asarray(r))
+            if progress is not None:
+                progress(min(rows, n - i * rows))
+        return np.concatenate(out)[:n]
+
+    def summarize(self, summary_variables: np.ndarray) -> np.ndarray:
+        return self._run("summary", _SUMMARY_ROWS, summary_variables)
+
+    def inverse(self, conditions: np.ndarray, eps: np.ndarray, progress=None) -> np.ndarray:
+        """Flow inverse of the base-distribution draws ``mean + std * eps`` (eps standard normal)."""
+        return self._run("inverse", _FLOW_ROWS, conditions, eps, progress=progress)
+
+    def log_prob(self, conditions: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return self._run("log_prob", _FLOW_ROWS, conditions, x)
+
+    def warm_up(self, summary_shape: tuple[int, ...], cond_dim: int | None, dim: int, names: tuple[str, ...]
+                ) -> None:
+        """Compile the functions a call needs: traced one after the other, compiled concurrently (XLA releases
+        the GIL), which shortens the first call's wait on two cores."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        jobs = [("summary", ((_SUMMARY_ROWS, *summary_shape),))]
+        if cond_dim is not None:
+            jobs += [(name, ((_FLOW_ROWS, cond_dim), (_FLOW_ROWS, dim))) for name in names]
+        jobs = [j for j in jobs if j not in self._compiled]
+        if not jobs:
+            return
+        lowered = [self._lower(*j) for j in jobs]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            compiled = list(pool.map(lambda low: low.compile(), lowered))
+        self._compiled.update(zip(jobs, compiled))
+
+
+#: posterior draws beyond this many prior standard deviations from the prior mean are outside the prior's support in
+#: practice (prior mass ~1e-23) and are redrawn (see ``TrainedEstimator.sample``)
+SUPPORT_SD = 10.0
+
+
 class TrainedEstimator:
-    """A loaded estimator: posterior draws and posterior log-densities for batches of individuals."""
+    """A loaded estimator: posterior draws and posterior log-densities for batches of individuals.
+
+    Under the JAX backend both are computed by the estimator's own networks compiled with ``jax.jit``
+    (``use_jit = False`` selects BayesFlow's eager ``approximator.sample`` path, the one used by other backends).
+    """
 
     def __init__(self, approximator, model: IndividualModel, meta: dict, path: Path | None = None) -> None:
         self.approximator = approximator
         self.model = model
         self.meta = meta
         self.path = path
+        self.use_jit = True
+        self.last_replaced = 0
+        self._compiled_flow: _CompiledFlow | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: IndividualModel) -> "TrainedEstimator":
@@ -470,8 +610,48 @@ class TrainedEstimator:
 
     def sample(self, observations: np.ndarray, design: Design, n_draws: int, *, batch_size: int = 512,
                seed: int | None = None, progress: bool = False) -> np.ndarray:
-        """Posterior draws ``[n, n_draws, k]`` of the log-parameters for each individual (batched)."""
+        """Posterior draws ``[n, n_draws, k]`` of the log-parameters for each individual (batched).
+
+        Draws farther than ``SUPPORT_SD`` prior standard deviations from the prior mean (or non-finite) are replaced
+        by fresh draws of the same individual, i.e. q is truncated to where the prior has mass: affine coupling flows
+        map a few extreme latent draws (a few in 10,000) to absurd values (1e5 prior sds), which the posterior cannot
+        hold. ``last_replaced`` counts them. ``batch_size`` (individuals per call) applies to the BayesFlow path
+        only; the compiled JAX path uses fixed call shapes, and its draws for individual ``i`` depend only on
+        ``seed``, ``i`` and ``n_draws``."""
         encoded = self.encode(observations, design)
+        out = self._sample_encoded(encoded, n_draws, seed, progress, batch_size)
+        self.last_replaced = 0
+        prior = self.model.prior
+        for attempt in range(1, 12):
+            bad = ~np.all(np.isfinite(out) & (np.abs(out - prior.mean) <= SUPPORT_SD * prior.std), axis=2)
+            if not bad.any():
+                break
+            if attempt == 11:
+                raise EstimatorError(f"the estimator keeps drawing outside the prior's support (> {SUPPORT_SD:g} "
+                                     f"prior sds) for {int(bad.any(axis=1).sum())} individuals")
+            rows = np.flatnonzero(bad.any(axis=1))
+            self.last_replaced += int(bad.sum()) if attempt == 1 else 0
+            need = int(bad[rows].sum(axis=1).max())
+            redo_seed = None if seed is None else int(np.random.SeedSequence([int(seed) % (1 << 63), 0x7A11,
+                                                                              attempt]).generate_state(1)[0])
+            fresh = self._sample_encoded(encoded[rows], max(need, 8), redo_seed, False, batch_size)
+            for r, row in enumerate(rows):
+                slots = np.flatnonzero(bad[row])
+                ok = np.flatnonzero(np.all(np.isfinite(fresh[r]) & (np.abs(fresh[r] - prior.mean)
+                                                                     <= SUPPORT_SD * prior.std), axis=1))
+                take = min(slots.size, ok.size)
+                out[row, slots[:take]] = fresh[r, ok[:take]]
+        if self.last_replaced:
+            logger.info("%d of %d posterior draws were outside the prior's support (> %g prior sds) and were "
+                        "redrawn", self.last_replaced, out.shape[0] * out.shape[1], SUPPORT_SD)
+        return out
+
+    def _sample_encoded(self, encoded: np.ndarray, n_draws: int, seed: int | None, progress: bool,
+                        batch_size: int) -> np.ndarray:
+        """Draws ``[n, n_draws, k]`` for encoded individuals, untruncated (compiled path, else BayesFlow's)."""
+        flow = self._compiled()
+        if flow is not None:
+            return self._sample_compiled(flow, encoded, n_draws, seed, progress)
         n = encoded.shape[0]
         out = np.empty((n, n_draws, self.model.n_params))
         # keep each call to roughly 1M flow evaluations
@@ -491,7 +671,8 @@ class TrainedEstimator:
 
     def log_prob(self, phi: np.ndarray, observations: np.ndarray, design: Design, *, batch_size: int = 256
                  ) -> np.ndarray:
-        """log q(phi_ij | y_i) for draws ``phi [n, M, k]``: the summary is computed once per individual."""
+        """log q(phi_ij | y_i) for draws ``phi [n, M, k]``: the summary is computed once per individual
+        (``batch_size``, individuals per call, applies to the BayesFlow path only)."""
         keras = _keras()
         phi = np.asarray(phi, dtype=np.float64)
         n, M, k = phi.shape
@@ -500,6 +681,18 @@ class TrainedEstimator:
         z = ((phi - prior.mean) / prior.std).astype(np.float32)
         log_det = -float(np.sum(np.log(prior.std)))
         out = np.empty((n, M))
+        flow = self._compiled()
+        if flow is not None:
+            if n * M == 0:
+                return out
+            flow.warm_up(encoded.shape[1:], self._summary_dim(flow, encoded), k, ("log_prob",))
+            group = max(1, _GROUP_ROWS // M)
+            for g0 in range(0, n, group):
+                g1 = min(n, g0 + group)
+                cond = np.repeat(flow.summarize(self._summary_variables(encoded[g0:g1])), M, axis=0)
+                lp = flow.log_prob(cond, z[g0:g1].reshape(-1, k))
+                out[g0:g1] = lp.reshape(g1 - g0, M).astype(np.float64) + log_det
+            return out
         for start in range(0, n, batch_size):
             sl = slice(start, min(start + batch_size, n))
             summaries = self.approximator.summarize({SUMMARY_KEY: encoded[sl]})
@@ -507,6 +700,86 @@ class TrainedEstimator:
             lp = self.approximator.inference_network.log_prob(keras.ops.convert_to_tensor(z[sl].reshape(-1, k)),
                                                               conditions=keras.ops.convert_to_tensor(cond))
             out[sl] = np.asarray(keras.ops.convert_to_numpy(lp)).reshape(-1, M) + log_det
+        return out
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the compiled JAX path
+
+    def _compiled(self) -> _CompiledFlow | None:
+        """The compiled networks, or None where the BayesFlow path must be used (other backend, other networks)."""
+        if not self.use_jit:
+            return None
+        if self._compiled_flow is None:
+            reason = _CompiledFlow.unsupported_reason(self.approximator)
+            if reason is not None:
+                logger.debug("posterior sampling through BayesFlow: %s", reason)
+                self.use_jit = False
+                return None
+            self._compiled_flow = _CompiledFlow(self.approximator)
+        return self._compiled_flow
+
+    def _summary_variables(self, encoded: np.ndarray) -> np.ndarray:
+        """The summary network's input, through the estimator's own adapter (as in ``approximator.sample``)."""
+        adapted = self.approximator.adapter({SUMMARY_KEY: encoded}, strict=False)
+        return np.asarray(adapted["summary_variables"], dtype=np.float32)
+
+    @staticmethod
+    def _summary_dim(flow: _CompiledFlow, encoded: np.ndarray) -> int | None:
+        """Width of the summaries (the flow's conditions), None where the summary network cannot say it."""
+        try:
+            return int(flow.summary_network.compute_output_shape((None, *encoded.shape[1:]))[-1])
+        except Exception:  # noqa: BLE001 - only used to compile ahead; the functions then compile on first use
+            return None
+
+    def _noise_seed(self, seed: int | None) -> int:
+        """A non-negative integer seed; without one, the next seed of the approximator's own generator (as
+        BayesFlow does when ``seed`` is None), so successive calls differ."""
+        if seed is not None:
+            return int(seed) % (1 << 64)
+        state = np.asarray(_keras().ops.convert_to_numpy(self.approximator.seed_generator.next()))
+        return int(state.astype(np.uint64)[0]) << 32 | int(state.astype(np.uint64)[-1])
+
+    @staticmethod
+    def _latent_noise(seed: int, start: int, stop: int, n_draws: int, dim: int) -> np.ndarray:
+        """Standard normals ``[stop - start, n_draws, dim]`` (float32) for individuals ``start:stop``: block ``b`` of
+        ``_NOISE_BLOCK`` individuals comes from ``default_rng([tag, seed, b])``, whatever the batching."""
+        b0, b1 = start // _NOISE_BLOCK, -(-stop // _NOISE_BLOCK)
+        blocks = [np.random.default_rng([_NOISE_TAG, seed, b]).standard_normal((_NOISE_BLOCK, n_draws, dim),
+                                                                                 dtype=np.float32)
+                  for b in range(b0, b1)]
+        eps = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+        return eps[start - b0 * _NOISE_BLOCK:stop - b0 * _NOISE_BLOCK]
+
+    def _draws_from_noise(self, flow: _CompiledFlow, encoded: np.ndarray, eps: np.ndarray, progress=None
+                          ) -> np.ndarray:
+        """Posterior draws ``[n, M, k]`` (unstandardized log-parameters) of the latent noise ``eps [n, M, k]``."""
+        n, M, k = eps.shape
+        summaries = flow.summarize(self._summary_variables(encoded))
+        x = flow.inverse(np.repeat(summaries, M, axis=0), eps.reshape(-1, k), progress=progress)
+        # the adapter's inverse (standardized by the prior), in float64
+        prior = self.model.prior
+        return x.reshape(n, M, k).astype(np.float64) * prior.std + prior.mean
+
+    def _sample_compiled(self, flow: _CompiledFlow, encoded: np.ndarray, n_draws: int, seed: int | None,
+                         progress: bool) -> np.ndarray:
+        n, k = encoded.shape[0], self.model.n_params
+        out = np.empty((n, n_draws, k))
+        if n * n_draws == 0:
+            return out
+        flow.warm_up(encoded.shape[1:], self._summary_dim(flow, encoded), k, ("inverse",))
+        noise_seed = self._noise_seed(seed)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n * n_draws, desc="posterior draws", unit="draw", unit_scale=True, file=sys.stderr)
+        group = max(_NOISE_BLOCK, _GROUP_ROWS // n_draws // _NOISE_BLOCK * _NOISE_BLOCK)
+        for g0 in range(0, n, group):
+            g1 = min(n, g0 + group)
+            eps = self._latent_noise(noise_seed, g0, g1, n_draws, k)
+            out[g0:g1] = self._draws_from_noise(flow, encoded[g0:g1], eps, progress=bar.update if bar else None)
+        if bar is not None:
+            bar.close()
         return out
 
 
