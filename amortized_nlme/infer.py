@@ -264,24 +264,8 @@ def prepare_inference(opts: InferenceOptions) -> InferenceContext:
     draws = posterior_draws(estimator, observations, design, n_draws, opts.seed, data.content_hash(), cache)
     timings["posterior_draws_s"] = time.perf_counter() - t1
     likelihood = choose_likelihood(opts.likelihood, model, observations, design, draws.shape[0] * draws.shape[1])
-    amortized = DrawSet(draws.astype(np.float64), model.prior, ids=list(data.ids))
-    drawset = amortized
-    if likelihood in ("exact", "auto-exact"):
-        t2 = time.perf_counter()
-        exact = likelihood_drawset(estimator, model, observations, design, amortized.draws, data.ids)
-        timings["likelihood_weights_s"] = time.perf_counter() - t2
-        ess = proposal_ess(exact, amortized.log_prior)
-        need = max(20.0, EXACT_MIN_ESS_FRACTION * exact.M)
-        logger.info("estimator as importance proposal: median ESS %.0f of %d draws", float(np.median(ess)), exact.M)
-        if likelihood == "auto-exact" and np.median(ess) < need:
-            logger.info("median ESS below %.0f: the estimator is not a good enough proposal for exact weights here; "
-                        "using the amortized objective", need)
-            likelihood = "amortized"
-        else:
-            if np.median(ess) < need:
-                logger.warning("exact weights with a median ESS of %.0f: expect a large Monte-Carlo error",
-                               float(np.median(ess)))
-            likelihood, drawset = "exact", exact
+    drawset, likelihood = weighted_drawset(likelihood, estimator, model, observations, design, draws, data.ids,
+                                           timings)
     logger.info("population likelihood: %s", likelihood)
     if population.fixed_std and pop_cfg.get("fixed_std", "auto") == "auto":
         # kernel width for parameters without random effect: a fifth of their typical posterior sd (see population.py)
@@ -341,6 +325,31 @@ def likelihood_drawset(estimator: TrainedEstimator, model: IndividualModel, obse
     log_q = estimator.log_prob(draws, observations, design)
     log_lik = individual_loglik(model, draws, observations, design)
     return DrawSet.with_likelihood(draws, model.prior, log_q, log_lik, ids=list(ids))
+
+
+def weighted_drawset(likelihood: str, estimator: TrainedEstimator, model: IndividualModel, observations: np.ndarray,
+                     design: Design, draws: np.ndarray, ids, timings: dict[str, float] | None = None
+                     ) -> tuple[DrawSet, str]:
+    """The draws with the weights ``likelihood`` asks for (as resolved by :func:`choose_likelihood`): exact
+    weights are kept under "auto-exact" only when the estimator is a good enough proposal (median ESS)."""
+    amortized = DrawSet(np.asarray(draws, dtype=np.float64), model.prior, ids=list(ids))
+    if likelihood not in ("exact", "auto-exact"):
+        return amortized, "amortized"
+    t0 = time.perf_counter()
+    exact = likelihood_drawset(estimator, model, observations, design, amortized.draws, ids)
+    if timings is not None:
+        timings["likelihood_weights_s"] = time.perf_counter() - t0
+    ess = proposal_ess(exact, amortized.log_prior)
+    need = max(20.0, EXACT_MIN_ESS_FRACTION * exact.M)
+    logger.info("estimator as importance proposal: median ESS %.0f of %d draws", float(np.median(ess)), exact.M)
+    if likelihood == "auto-exact" and np.median(ess) < need:
+        logger.info("median ESS below %.0f: the estimator is not a good enough proposal for exact weights here; "
+                    "using the amortized objective", need)
+        return amortized, "amortized"
+    if np.median(ess) < need:
+        logger.warning("exact weights with a median ESS of %.0f: expect a large Monte-Carlo error",
+                       float(np.median(ess)))
+    return exact, "exact"
 
 
 def split_drawset(ctx: InferenceContext, n_sets: int) -> list[DrawSet]:
