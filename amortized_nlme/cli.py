@@ -81,6 +81,9 @@ def cmd_check(args: argparse.Namespace) -> int:
               f"{'yes' if result['ecdf_inside_95_band'][name] else 'NO':>11}  {result['coverage_90'][name]:5.2f}  "
               f"{result['posterior_contraction'][name]:11.2f}  {result['nrmse'][name]:5.2f}  "
               f"{result['r2'][name]:5.2f}")
+    if result.get("draws_redrawn_outside_support"):
+        print(f"{result['draws_redrawn_outside_support']} of {result['n_simulations'] * result['n_draws']} draws were "
+              "outside the prior's support and redrawn")
     print("calibration check", "PASSED" if result["passed"] else "FAILED")
     return 0 if result["passed"] or not args.strict else 1
 

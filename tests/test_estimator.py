@@ -256,3 +256,23 @@ def test_draws_outside_the_prior_support_are_redrawn() -> None:
         planted[row, j] = True
     np.testing.assert_array_equal(draws[~planted], reference[~planted])  # nothing else touched
     assert not np.allclose(draws[planted], reference[planted], equal_nan=True)
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.05])
+def test_flow_dropout_follows_the_config(rate: float) -> None:
+    """BayesFlow's coupling MLPs default to dropout 0.05, which over-disperses narrow posteriors: the workflow's
+    ``flow_dropout`` (0 by default) must be what the flow gets."""
+    import keras
+
+    from amortized_nlme.config import NetworkConfig
+    from amortized_nlme.estimator import _first_batch, build_approximator
+
+    model = get_model("pk_oral_1cmt")
+    cfg = NetworkConfig(flow_dropout=rate, flow_widths=[16, 16], flow_depth=2, summary_dim=8, recurrent_dim=8,
+                        filters=[8, 8])
+    assert NetworkConfig().flow_dropout == 0.0
+    approximator = build_approximator(model, cfg)
+    approximator.build_from_data(_first_batch(model, approximator))
+    rates = [la.rate for la in approximator.inference_network._flatten_layers()
+             if isinstance(la, keras.layers.Dropout)]
+    assert (rates == []) if rate == 0 else (len(rates) > 0 and set(rates) == {rate})
