@@ -180,10 +180,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _enable_jax_compilation_cache() -> None:
+    """Keep XLA's compiled networks between runs (``$XDG_CACHE_HOME/amortized-nlme/jax``): the first posterior
+    sampling of a process otherwise spends seconds compiling. ``AMORTIZED_NLME_JAX_CACHE=off`` disables it."""
+    where = os.environ.get("AMORTIZED_NLME_JAX_CACHE", "")
+    if where.lower() == "off" or os.environ.get("KERAS_BACKEND") != "jax":
+        return
+    try:
+        import jax
+
+        folder = Path(where or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "amortized-nlme"
+                      / "jax")
+        folder.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    except (ImportError, OSError, AttributeError) as exc:  # a cache is an optimization, never a reason to fail
+        logging.getLogger(__name__).debug("no JAX compilation cache: %s", exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     os.environ.setdefault("KERAS_BACKEND", "jax")
+    _enable_jax_compilation_cache()
     from amortized_nlme.errors import USER_ERRORS
 
     try:
