@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/simulate.py --quick
 	$(PY) benchmarks/objective.py
 	$(PY) benchmarks/inference.py --sizes 100 1000 10000
+	$(PY) benchmarks/mrna_paper.py --sizes 100 1000 --json results/bench/mrna_paper_mrna_simple.json
 
 bench-peers: $(STAMP)
 	$(PY) benchmarks/peers/run.py
