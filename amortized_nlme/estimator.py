@@ -567,6 +567,11 @@ class _CompiledFlow:
 SUPPORT_SD = 10.0
 
 
+def _outside_support(draws: np.ndarray, prior: NormalPrior) -> np.ndarray:
+    """Per draw (last axis: parameters): non-finite, or farther than ``SUPPORT_SD`` prior sds from the prior mean."""
+    return ~np.all(np.isfinite(draws) & (np.abs(draws - prior.mean) <= SUPPORT_SD * prior.std), axis=-1)
+
+
 class TrainedEstimator:
     """A loaded estimator: posterior draws and posterior log-densities for batches of individuals.
 
@@ -623,7 +628,7 @@ class TrainedEstimator:
         self.last_replaced = 0
         prior = self.model.prior
         for attempt in range(1, 12):
-            bad = ~np.all(np.isfinite(out) & (np.abs(out - prior.mean) <= SUPPORT_SD * prior.std), axis=2)
+            bad = _outside_support(out, prior)
             if not bad.any():
                 break
             if attempt == 11:
@@ -637,8 +642,7 @@ class TrainedEstimator:
             fresh = self._sample_encoded(encoded[rows], max(need, 8), redo_seed, False, batch_size)
             for r, row in enumerate(rows):
                 slots = np.flatnonzero(bad[row])
-                ok = np.flatnonzero(np.all(np.isfinite(fresh[r]) & (np.abs(fresh[r] - prior.mean)
-                                                                     <= SUPPORT_SD * prior.std), axis=1))
+                ok = np.flatnonzero(~_outside_support(fresh[r], prior))
                 take = min(slots.size, ok.size)
                 out[row, slots[:take]] = fresh[r, ok[:take]]
         if self.last_replaced:
