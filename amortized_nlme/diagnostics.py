@@ -68,7 +68,7 @@ def run_check(estimator: TrainedEstimator, n_simulations: int = 1000, n_draws: i
     rng = np.random.default_rng([seed, 99])
     truth, obs, design = simulate_batch(model, n_simulations, rng)
     draws = estimator.sample(obs, design, n_draws, seed=seed, progress=True)
-    redrawn = int(getattr(estimator, "last_replaced", 0))
+    redrawn = estimator.last_replaced
     names = list(model.param_names)
     est = {"phi": draws}
     tgt = {"phi": truth}

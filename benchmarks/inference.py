@@ -21,6 +21,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
+from mrna_paper import TRUTH  # noqa: E402 - the seed paper's true population values, shared with that benchmark
+from mrna_paper import synthetic_population as paper_population  # noqa: E402
 
 from amortized_nlme.estimator import load_estimator  # noqa: E402
 from amortized_nlme.fit import fit  # noqa: E402
@@ -29,15 +31,11 @@ from amortized_nlme.population import PopulationModel  # noqa: E402
 from simulators import get_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-#: Arruda et al. 2024, simple model, synthetic data: population means and variances of the log-parameters
-TRUE_MEAN = np.array([-0.694, -7.014, 6.217, -0.164, 2.079, -3.454])
-TRUE_VAR = np.array([0.941, 7.014, 0.004, 0.116, 0.0, 0.0])
 
 
 def synthetic_population(model, n: int, rng: np.random.Generator):
-    phi = TRUE_MEAN + np.sqrt(TRUE_VAR) * rng.standard_normal((n, TRUE_MEAN.size))
-    design = model.sample_design(n, rng)
-    return phi, model.simulate(phi, design, rng), design
+    """``n`` cells from the seed paper's simple-model population (Arruda et al. 2024)."""
+    return paper_population(model, TRUTH["mrna_simple"], n, rng)
 
 
 def main() -> None:
