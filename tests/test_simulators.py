@@ -229,6 +229,33 @@ def test_pk_combined_is_a_different_model() -> None:
         get_model("pk_oral_1cmt", error_model="exponential")
 
 
+def test_mrna_simple_per_cell_encoder() -> None:
+    # channel 0 is the cell's own standardized series, channels 3-6 its constants; the robust noise estimate follows
+    # sigma; padding stays zero; shifting a cell's log fluorescence moves only the level channels
+    model = MrnaSimple()
+    rng = np.random.default_rng(3)
+    phi = model.prior.sample(400, rng)
+    phi[:, 3] = np.log(2.0)                      # starts at 2 h: a rising curve on every cell
+    phi[:, 5] = rng.uniform(np.log(0.01), np.log(0.5), 400)
+    design = model.sample_design(400, rng)
+    design["mask"][:5, 150:] = False             # five cells observed for 25 h only
+    y = model.simulate(phi, design, rng)
+    x = model.encode(y, design)
+    assert x.shape == (400, 180, 7) and x.dtype == np.float32
+    m = design["mask"]
+    assert np.all(x[~m] == 0.0) and np.all(x[..., 2] == m)
+    for i in (0, 7):
+        z = x[i, m[i], 0]
+        np.testing.assert_allclose([z.mean(), z.std()], [0.0, 1.0], atol=1e-5)
+        np.testing.assert_allclose(x[i, m[i], 3], (y[i, m[i], 0].mean() - 4.0) / 4.0, rtol=1e-5)
+    noise = np.exp(2.0 * x[:, 0, 5] - 2.0)
+    assert np.corrcoef(np.log(noise), phi[:, 5])[0, 1] > 0.95
+    assert np.median(np.abs(np.log(noise) - phi[:, 5])) < 0.15
+    shifted = model.encode(y + 0.7 * m[..., None], design)
+    np.testing.assert_allclose(shifted[..., [0, 1, 2, 4, 5]], x[..., [0, 1, 2, 4, 5]], atol=2e-5)
+    np.testing.assert_allclose(shifted[..., 3] - x[..., 3], 0.7 / 4.0 * m, atol=1e-5)
+
+
 def test_pk_encoder_channels() -> None:
     model, phi, design = _draw("pk_oral_1cmt", n=10)
     y = model.simulate(phi, design, np.random.default_rng(0))
