@@ -567,9 +567,19 @@ class _CompiledFlow:
 SUPPORT_SD = 10.0
 
 
-def _outside_support(draws: np.ndarray, prior: NormalPrior) -> np.ndarray:
-    """Per draw (last axis: parameters): non-finite, or farther than ``SUPPORT_SD`` prior sds from the prior mean."""
-    return ~np.all(np.isfinite(draws) & (np.abs(draws - prior.mean) <= SUPPORT_SD * prior.std), axis=-1)
+def _outside_support(draws: np.ndarray, prior: NormalPrior, rows_per_block: int = 2048) -> np.ndarray:
+    """Per draw (last axis: parameters): non-finite, or farther than ``SUPPORT_SD`` prior sds from the prior mean.
+    Computed in blocks of rows so that the temporaries stay small next to the draws themselves."""
+    lo = prior.mean - SUPPORT_SD * prior.std
+    hi = prior.mean + SUPPORT_SD * prior.std
+    flat = draws.reshape(-1, draws.shape[-1]) if draws.ndim > 1 else draws.reshape(1, -1)
+    bad = np.empty(flat.shape[0], dtype=bool)
+    step = max(1, rows_per_block * (draws.shape[-2] if draws.ndim > 2 else 1))
+    for a in range(0, flat.shape[0], step):
+        block = flat[a:a + step]
+        # NaN fails both comparisons, so "not inside" also catches non-finite values
+        bad[a:a + step] = ~np.all((block >= lo) & (block <= hi), axis=-1)
+    return bad.reshape(draws.shape[:-1])
 
 
 class TrainedEstimator:

@@ -40,7 +40,9 @@ class DrawSet:
     """Posterior draws ``[n, M, k]`` with the exact log prior density of every draw, computed once.
 
     One draw set serves every population model and every start (common random numbers); switching population models
-    never resamples. ``phi_t`` is a ``[n, k, M]`` copy laid out for the vectorised kernel.
+    never resamples. ``phi_t`` is a ``[n, k, M]`` float32 copy laid out for the vectorised kernel: the kernel is
+    bound by memory traffic, and rounding a draw to 7 digits is far below its Monte-Carlo error (the kernel computes in
+    float64; the objective is an exact function of the rounded draws, so gradients stay consistent). ~30 % faster.
     """
 
     def __init__(self, draws: np.ndarray, prior: NormalPrior, ids: Sequence[Any] | None = None) -> None:
@@ -57,7 +59,7 @@ class DrawSet:
         if len(self.ids) != draws.shape[0]:
             raise ValueError(f"{len(self.ids)} ids for {draws.shape[0]} individuals")
         self.log_prior = np.ascontiguousarray(prior.log_prob(draws))
-        self.phi_t = np.ascontiguousarray(np.swapaxes(draws, 1, 2))
+        self.phi_t = np.ascontiguousarray(np.swapaxes(draws, 1, 2), dtype=np.float32)
         #: how many times the prior density was evaluated on these draws (once, by construction)
         self.n_prior_evaluations = 1
         #: "amortized": weights 1 / p(phi) (J = -log p(D | theta) + const); "likelihood": see with_likelihood

@@ -7,8 +7,9 @@ elimination, as in SCM, with BICc instead of likelihood-ratio tests).
 
 Ranking uses the amortized objective: BICc_rel = 2 J(theta_hat) + penalty, where J = -log p(D | theta) + C with one
 constant C shared by every population model fitted to the same draws, so differences of BICc_rel are differences of
-BICc. The chosen model and the next best (and the base model) then get an absolute log-likelihood by importance
-sampling (:mod:`amortized_nlme.marginal`), which makes their -2LL/AIC/BIC/BICc comparable with other tools.
+BICc. The chosen model, the next best, the base model and every model within the objective's Monte-Carlo error of the
+best then get an absolute log-likelihood by importance sampling (:mod:`amortized_nlme.marginal`), which makes their
+-2LL/AIC/BIC/BICc comparable with other tools; the final choice among them is by that BICc.
 Each fit uses few starts: the posterior-median guess, the estimate of the best already fitted nested model (one
 relation fewer) mapped into the new layout, and seeded random starts.
 """
@@ -248,7 +249,9 @@ def select_covariates(
     optimizer_options: Mapping[str, Any] | None = None,
 ) -> SelectionResult:
     """Find the covariate-parameter relations minimising BICc (amortized objective, same draws for every fit); with a
-    ``sampler``, add importance-sampling -2LL/AIC/BIC/BICc for the selected model, the next ``top_k - 1`` and the base.
+    ``sampler``, add importance-sampling -2LL/AIC/BIC/BICc for the selected model, the next ``top_k - 1``, the base and
+    every model within the objective's Monte-Carlo error of the best (:func:`marginal_candidates`), and choose among
+    them by that BICc.
 
     ``parameters``: which individual parameters may get covariates (default: those with a random effect);
     ``n_observations``: N_tot for BICc (see :func:`amortized_nlme.marginal.count_observations`).
@@ -315,16 +318,40 @@ def _stepwise(search: _Search, relations: Sequence[Relation], steps: list[dict[s
     return current
 
 
-def add_marginal(result: SelectionResult, sampler: ImportanceSampler, covariates: Mapping[str, np.ndarray],
-                 groups: Any = None, top_k: int = 3) -> None:
-    """Importance-sampling log-likelihood and absolute criteria for the selected model, the next best and the base,
-    and the final choice among them by that BICc: its proposal adapts to each theta, so it does not share the
-    fitting draws' Monte-Carlo noise that a search over many models on one draw set can overfit."""
-    t0 = time.perf_counter()
+#: models within this many Monte-Carlo standard errors (of the objective BICc difference) of the best one are
+#: re-evaluated by importance sampling even outside the top k: the fitting draws cannot tell them apart
+TIE_SE = 3.0
+#: ... and within this absolute BICc margin (a BICc difference below 2 is no evidence either way)
+TIE_BICC = 2.0
+
+
+def marginal_candidates(result: SelectionResult, top_k: int = 3, max_models: int = 12) -> list[VisitedModel]:
+    """The models that get importance-sampling criteria: the selected one, the next ``top_k - 1``, the base, and
+    every model the objective cannot separate from the best (BICc gap below ``TIE_BICC`` + ``TIE_SE`` Monte-Carlo
+    SEs of 2 J's difference), best first, at most ``max_models`` in all."""
+    ranked = result.ranked()
+    best = ranked[0]
     chosen: list[VisitedModel] = []
-    for v in [result.selected, *result.ranked()[:top_k], result.base]:
+    for v in [result.selected, *ranked[:top_k], result.base]:
         if all(v is not c for c in chosen):
             chosen.append(v)
+    for v in ranked:
+        if len(chosen) >= max_models:
+            break
+        margin = TIE_BICC + TIE_SE * 2.0 * math.hypot(best.objective_mc_se, v.objective_mc_se)
+        if v.bicc_rel - best.bicc_rel <= margin and all(v is not c for c in chosen):
+            chosen.append(v)
+    return chosen
+
+
+def add_marginal(result: SelectionResult, sampler: ImportanceSampler, covariates: Mapping[str, np.ndarray],
+                 groups: Any = None, top_k: int = 3, max_models: int = 12) -> None:
+    """Importance-sampling log-likelihood and absolute criteria for the models of :func:`marginal_candidates`, and
+    the final choice among them by that BICc: its proposal adapts to each theta, so it does not share the fitting
+    draws' Monte-Carlo noise that a search over many models on one draw set can overfit."""
+    t0 = time.perf_counter()
+    chosen = marginal_candidates(result, top_k, max_models)
+    logger.info("importance-sampling criteria for %d models (%s)", len(chosen), ", ".join(v.label for v in chosen))
     for v in chosen:
         v.marginal = sampler.evaluate(v.model, v.estimate, covariates, groups)
     result.marginal_time_s = time.perf_counter() - t0

@@ -207,6 +207,26 @@ def test_exhaustive_selection_recovers_effects(covariate_problem, tmp_path) -> N
     assert (out / "selection.png").stat().st_size > 1000 and "base" in (out / "selection.md").read_text()
 
 
+def test_marginal_candidates_include_models_tied_within_monte_carlo_error() -> None:
+    from amortized_nlme.selection import SelectionResult, VisitedModel, marginal_candidates
+
+    def visited(label: str, bicc: float, se: float, order: int) -> VisitedModel:
+        return VisitedModel(relations=((label, "x"),) if label != "base" else (), model=None, estimate=np.zeros(1),
+                            objective=bicc / 2, objective_mc_se=se, bicc_rel=bicc, aic_rel=bicc, bic_rel=bicc,
+                            n_theta=1, n_converged=1, n_starts=1, time_s=0.0, order=order)
+
+    base = visited("base", 30.0, 0.5, 0)
+    models = [base] + [visited(f"p{i}", b, se, i + 1) for i, (b, se) in
+                       enumerate([(0.0, 0.5), (1.0, 0.5), (1.5, 0.5), (7.0, 0.5), (9.0, 2.0), (40.0, 2.0)])]
+    res = SelectionResult(strategy="exhaustive", candidates={}, parameters=(), relations=(), visited=models,
+                          selected=models[1], base=base, n_fits=len(models), time_s=0.0, n_individuals=10,
+                          n_observations=100)
+    labels = [v.label for v in marginal_candidates(res, top_k=2)]
+    # top 2 + base, then p3 (gap 1.5 < 2 + 3 * 2 * 0.71), p5 (gap 9 < 2 + 3 * 2 * 2.06); not p4 (gap 7 > 6.2), p6
+    assert labels == ["p0~x", "p1~x", "base", "p2~x", "p4~x"]
+    assert len(marginal_candidates(res, top_k=2, max_models=3)) == 3
+
+
 def test_stepwise_selection_recovers_effects(covariate_problem, tmp_path) -> None:
     obs, design, cov, est, draws, base, effects = covariate_problem
     res = select_covariates(base, draws, cov, ["x", "sex"], count_observations(obs, design), strategy="stepwise")

@@ -190,6 +190,41 @@ def test_sde_paths_differ_between_individuals_and_stay_nonnegative() -> None:
         sde.log_likelihood(phi, y[..., None], sde.sample_design(50, np.random.default_rng(0)))
 
 
+def test_sde_lockstep_kernel_reproduces_the_generic_solver_path_by_path() -> None:
+    # the shared-design kernel (blocks of LANES individuals in lock-step) must give each individual the path the
+    # generic Euler-Maruyama solver gives it from the same seed: t0 before, between and on output times, a partial
+    # last block, failures in the same rows
+    from simulators.mrna_sde import DT, LANES, _latent, _latent_shared_design
+
+    model, phi, design = _draw("mrna_sde", n=3 * LANES + 5, seed=4)
+    phi[0, 5] = np.log(TIME_GRID[3])                 # starts exactly on an output time
+    phi[1, 5] = np.log(0.5 * (TIME_GRID[3] + TIME_GRID[4]))
+    phi[2, 5] = np.log(40.0)                         # after the last output: never starts
+    phi[3, 5] = np.log(0.01)
+    times = np.ascontiguousarray(design["times"])
+    mask = design["mask"].copy()
+    mask[:, 7] = False                               # a gap shared by all rows
+    seeds = np.random.default_rng(5).integers(0, 2**62, size=phi.shape[0])
+    generic = _latent(phi, times, mask, seeds, DT)
+    lockstep = _latent_shared_design(phi, times, mask, seeds, DT)
+    np.testing.assert_array_equal(np.isnan(generic), np.isnan(lockstep))
+    np.testing.assert_allclose(lockstep, generic, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert np.all(lockstep[:, 7] == 0.0)
+    assert np.all(lockstep[2] == np.log(np.exp(phi[2, 6])) * mask[2])
+
+
+def test_sde_simulate_uses_the_generic_path_for_mixed_designs() -> None:
+    sde, phi, design = _draw("mrna_sde", n=12, seed=6)
+    shared = sde.simulate(phi, design, np.random.default_rng(3))
+    mixed = {k: v.copy() for k, v in design.items()}
+    mixed["mask"][5, 100:] = False                   # one individual observed for a shorter time
+    y = sde.simulate(phi, mixed, np.random.default_rng(3))
+    keep = np.arange(12) != 5
+    np.testing.assert_allclose(y[keep], shared[keep], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y[5, :100], shared[5, :100], rtol=1e-12, atol=1e-12)
+    assert np.all(y[5, 100:] == 0.0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # pk_oral_1cmt
 # ---------------------------------------------------------------------------------------------------------------
