@@ -15,7 +15,7 @@ import numba as nb
 import numpy as np
 
 from amortized_nlme.model import Design, IndividualModel, NormalPrior, fixed_grid_design
-from simulators.mrna_simple import TIME_GRID, encode_log_fluorescence, log_fluorescence_from_dataset
+from simulators.mrna_simple import TIME_GRID, encode_log_fluorescence_per_cell, log_fluorescence_from_dataset
 from simulators.solvers import SUCCESS, _normal, make_euler_maruyama, observed_times, rng_init
 
 #: Euler-Maruyama step (hours)
@@ -175,7 +175,7 @@ class MrnaSDE(IndividualModel):
     """Stochastic two-state mRNA translation model (chemical Langevin equation) observed as log fluorescence."""
 
     name = "mrna_sde"
-    version = "1"
+    version = "2"   # 2: per-cell normalised encoder (as mrna_simple 2)
     param_names = ("delta", "gamma", "k", "m0", "scale", "t0", "offset", "sigma")
     obs_names = ("log_fluorescence",)
     max_time_points = TIME_GRID.size
@@ -205,7 +205,7 @@ class MrnaSDE(IndividualModel):
         return np.where(mask[..., None], y, 0.0) + np.where(np.isnan(latent), np.nan, 0.0)
 
     def encode(self, observations: np.ndarray, design: Design) -> np.ndarray:
-        return encode_log_fluorescence(observations, design)
+        return encode_log_fluorescence_per_cell(observations, design)
 
     def from_dataset(self, data) -> tuple[np.ndarray, Design]:
         return log_fluorescence_from_dataset(self.name, data)
