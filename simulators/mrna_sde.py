@@ -85,8 +85,9 @@ def _lockstep_block(x: np.ndarray, t_out: np.ndarray, seeds: np.ndarray, dt: flo
     """p at ``t_out`` for a block of individuals (rows of natural parameters ``x``), written to ``out``.
 
     The generic solver restarts its dt grid at every output time, so between two outputs every running path takes
-    the same steps: those are taken lane by lane in one loop. A path starting inside an interval takes its own
-    steps from t0 first. Each path keeps its own stream, so a path's result does not depend on its block."""
+    the same steps: two paths at a time take them in one loop, so that the CPU overlaps their dependency chains. A
+    path starting inside an interval takes its own steps from t0 first. Each path keeps its own stream, so a path's
+    result does not depend on its block or partner."""
     L = x.shape[0]
     T = t_out.size
     mp = np.zeros((L, 2))                  # (m, p) per lane
@@ -103,7 +104,7 @@ def _lockstep_block(x: np.ndarray, t_out: np.ndarray, seeds: np.ndarray, dt: flo
         # running lanes two at a time: both states stay in registers, their square-root chains overlap
         for a in range(0, n_running, 2):
             i = running[a]
-            k = running[a + 1] if a + 1 < n_running else i
+            k = running[a + 1] if a + 1 < n_running else i  # odd count: the last lane twice, identical results
             m1, p1, a0, a1, a2, a3 = mp[i, 0], mp[i, 1], rs[i, 0], rs[i, 1], rs[i, 2], rs[i, 3]
             m2, p2, b0, b1, b2, b3 = mp[k, 0], mp[k, 1], rs[k, 0], rs[k, 1], rs[k, 2], rs[k, 3]
             t = t_prev
