@@ -45,7 +45,7 @@ select: $(STAMP)
 # the shipped mrna_simple estimator fits the Fröhlich eGFP + d2eGFP single-cell data (two-group population model)
 demo: $(STAMP)
 	$(VENV)/bin/amortized-nlme infer mrna_simple --data amortized_nlme/example_data/froehlich2018_single_cell_gfp.csv.gz \
-		--pop workflows/populations/froehlich_two_reporters.toml --out results/demo-froehlich \
+		--pop workflows/populations/froehlich_all_random.toml --out results/demo-froehlich \
 		--profile "beta_gamma[eGFP]" "beta_gamma[d2eGFP]"
 
 test: $(STAMP)
