@@ -44,7 +44,7 @@ def trained(tmp_path_factory) -> Path:
 
 def test_export_and_meta(trained: Path) -> None:
     meta = json.loads((trained / "meta.json").read_text())
-    assert meta["model"] == {"name": "mrna_simple", "version": "1"}
+    assert meta["model"] == get_model("mrna_simple").identity() == {"name": "mrna_simple", "version": "2"}
     assert meta["param_names"] == list(get_model("mrna_simple").param_names)
     assert meta["keras_backend"] == "jax"
     assert meta["training"]["epochs"] == 2
