@@ -87,8 +87,8 @@ class CountingMrna(MrnaSimple):
         return super().simulate(phi, design, rng)
 
 
-class MrnaV2(MrnaSimple):
-    version = "2"
+class MrnaOtherVersion(MrnaSimple):
+    version = "99"
 
 
 def _contents(path: Path) -> dict[str, bytes]:
@@ -156,7 +156,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path: Path, reference: 
 @pytest.mark.parametrize(
     ("change", "message"),
     [({"seed": 8}, "seed"), ({"chunk_size": 200}, "chunk_size"), ({"n": 1200}, "n_total"),
-     ({"model": MrnaV2()}, "model_version")],
+     ({"model": MrnaOtherVersion()}, "model_version")],
 )
 def test_resume_with_other_settings_is_refused(tmp_path: Path, change: dict, message: str) -> None:
     with pytest.raises(KeyboardInterrupt):
@@ -253,12 +253,12 @@ def test_reading_ranges_indices_and_split(reference: Path) -> None:
 def test_metadata_and_model_check(reference: Path) -> None:
     with SimulationStore(reference) as store:
         meta = store.meta
-    assert meta["model_name"] == "mrna_simple" and meta["model_version"] == "1"
+    assert meta["model_name"] == "mrna_simple" and meta["model_version"] == MrnaSimple.version
     assert meta["prior_spec"] == MrnaSimple().prior.spec()
     assert meta["seed"] == 7 and meta["n_total"] == 1000 and meta["chunk_size"] == 300 and meta["n_chunks"] == 4
     assert meta["package_version"] == __version__ and meta["n_failed"] == 0 and meta["complete"]
     assert "time_utc" in meta["created"] and "host" in meta["created"]
-    with pytest.raises(StoreError, match="version 1.*version 2"):
-        SimulationStore(reference, MrnaV2())
+    with pytest.raises(StoreError, match=f"version {MrnaSimple.version}.*version 99"):
+        SimulationStore(reference, MrnaOtherVersion())
     with pytest.raises(StoreError, match="'test_line'"):
         SimulationStore(reference, LineModel())
