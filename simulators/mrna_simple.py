@@ -103,7 +103,7 @@ def gaussian_log_likelihood(observations: np.ndarray, mean: np.ndarray, log_sigm
 
 
 def encode_log_fluorescence(observations: np.ndarray, design: Design) -> np.ndarray:
-    """Channels: scaled log fluorescence, scaled time, observed flag (shared by all mRNA models)."""
+    """Channels: scaled log fluorescence, scaled time, observed flag (the version-1 encoder; still mrna_detailed's)."""
     mask = design["mask"].astype(np.float32)
     y = (observations[..., 0].astype(np.float32) - OBS_CENTER) / OBS_SCALE
     t = design["times"].astype(np.float32) / TIME_SCALE
@@ -117,6 +117,7 @@ PER_CELL_CHANNELS = 7
 
 @nb.njit(parallel=True, cache=True)
 def _per_cell_channels(y: np.ndarray, t: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The ``PER_CELL_CHANNELS`` channels of :func:`encode_log_fluorescence_per_cell`, zero where masked."""
     n, T = y.shape
     out = np.zeros((n, T, PER_CELL_CHANNELS), dtype=np.float32)
     for i in nb.prange(n):
