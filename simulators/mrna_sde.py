@@ -16,7 +16,7 @@ import numpy as np
 
 from amortized_nlme.model import Design, IndividualModel, NormalPrior, fixed_grid_design
 from simulators.mrna_simple import TIME_GRID, encode_log_fluorescence_per_cell, log_fluorescence_from_dataset
-from simulators.solvers import SUCCESS, _normal, make_euler_maruyama, observed_times, rng_init
+from simulators.solvers import SUCCESS, _normal, em_step_size, make_euler_maruyama, observed_times, rng_init
 
 #: Euler-Maruyama step (hours)
 DT = 0.01
@@ -109,10 +109,7 @@ def _lockstep_block(x: np.ndarray, t_out: np.ndarray, seeds: np.ndarray, dt: flo
             m2, p2, b0, b1, b2, b3 = mp[k, 0], mp[k, 1], rs[k, 0], rs[k, 1], rs[k, 2], rs[k, 3]
             t = t_prev
             while t_stop - t > 1e-9:
-                h = t_stop - t
-                if h > dt * (1.0 + 1e-9):
-                    h = dt
-                sh = sq if h == dt else np.sqrt(h)
+                h, sh = em_step_size(t, t_stop, dt, sq)
                 m1, p1, a0, a1, a2, a3 = _em_step(m1, p1, x[i, 0], x[i, 1], x[i, 2], h, sh, a0, a1, a2, a3)
                 m2, p2, b0, b1, b2, b3 = _em_step(m2, p2, x[k, 0], x[k, 1], x[k, 2], h, sh, b0, b1, b2, b3)
                 t += h
@@ -125,10 +122,7 @@ def _lockstep_block(x: np.ndarray, t_out: np.ndarray, seeds: np.ndarray, dt: flo
                 mm, pp = mp[i, 0], mp[i, 1]
                 t = t0
                 while t_stop - t > 1e-9:
-                    h = t_stop - t
-                    if h > dt * (1.0 + 1e-9):
-                        h = dt
-                    sh = sq if h == dt else np.sqrt(h)
+                    h, sh = em_step_size(t, t_stop, dt, sq)
                     mm, pp, a0, a1, a2, a3 = _em_step(mm, pp, x[i, 0], x[i, 1], x[i, 2], h, sh, a0, a1, a2, a3)
                     t += h
                 mp[i, 0], mp[i, 1], rs[i, 0], rs[i, 1], rs[i, 2], rs[i, 3] = mm, pp, a0, a1, a2, a3

@@ -706,6 +706,17 @@ def rng_normal(s: np.ndarray) -> float:
     return z
 
 
+@nb.njit(cache=True, inline="always")
+def em_step_size(t: float, t_stop: float, dt: float, sqdt: float) -> tuple[float, float]:
+    """The next Euler-Maruyama step ``(h, sqrt(h))`` from ``t`` towards the output time ``t_stop``: ``dt``, or the
+    shorter remainder that lands on ``t_stop`` (callers step while ``t_stop - t > 1e-9``). Shared by every EM loop so
+    that they all take the same step sequence."""
+    h = t_stop - t
+    if h > dt * (1.0 + 1e-9):
+        h = dt
+    return h, (sqdt if h == dt else np.sqrt(h))
+
+
 def make_euler_maruyama(drift: Callable, diffusion: Callable, dim: int | None = None) -> Callable:
     """Build a fixed-step Euler-Maruyama solver for ``dy = drift dt + diag(diffusion) dB``.
 
@@ -746,12 +757,9 @@ def make_euler_maruyama(drift: Callable, diffusion: Callable, dim: int | None = 
             t_stop = t_out[j]
             # a remainder below 1e-9 h is merged into the previous step (rounding of t accumulates)
             while t_stop - t > 1e-9:
-                h = t_stop - t
-                if h > dt * (1.0 + 1e-9):
-                    h = dt
+                h, sh = em_step_size(t, t_stop, dt, sqdt)
                 drift(t, y, p, f)
                 diffusion(t, y, p, g)
-                sh = sqdt if h == dt else np.sqrt(h)
                 for i in range(n):
                     z, s0, s1, s2, s3 = _normal(s0, s1, s2, s3)
                     # (y + h f) + g (sqrt(h) z): the same Euler-Maruyama increment, grouped so that only one
