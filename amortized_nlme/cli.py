@@ -95,6 +95,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, population=args.pop, estimator=args.estimator, out=args.out,
         config=args.config, n_draws=args.draws, n_starts=args.starts, profiles=not args.no_profiles,
         seed=args.seed, groups=args.groups, max_individuals=args.max_individuals, mc_refits=args.mc_refits,
+        mc_target=args.mc_target, max_draws=args.max_draws,
         marginal=args.marginal, profile_parameters=args.profile, likelihood=args.likelihood)
     out = run_inference(opts)
     print(out)
@@ -149,13 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimator", help="estimator folder (default trained_models/<model>)")
     p.add_argument("--config", help="workflow TOML (default workflows/<model>.toml)")
     p.add_argument("--out", help="results folder (default results/<model>-<data>)")
-    p.add_argument("--draws", type=int, help="posterior draws per individual (default: chosen from the data size)")
+    p.add_argument("--draws", type=int, help="posterior draws per individual, fixed (default: start from a number "
+                   "chosen from the data size and add draws until the Monte-Carlo error is small, see --mc-target)")
+    p.add_argument("--mc-target", type=float, default=0.3,
+                   help="without --draws: add draws until every estimate's Monte-Carlo error (RMS of its MC SE and "
+                        "jackknife bias) is at most this fraction of its statistical SE (default 0.3)")
+    p.add_argument("--max-draws", type=int, help="without --draws: at most this many draws per individual "
+                   "(default: 8 x the start, <= 10,000, within ~2 GB of draws)")
     p.add_argument("--starts", type=int, default=10, help="multistart count")
     p.add_argument("--no-profiles", action="store_true", help="skip profile likelihoods")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--groups", nargs="*", help="only these groups (e.g. eGFP d2eGFP)")
     p.add_argument("--max-individuals", type=int, help="random subset of this many individuals")
-    p.add_argument("--mc-refits", type=int, default=3, help="refits on independent draw sets for the MC error")
+    p.add_argument("--mc-refits", type=int, default=4,
+                   help="disjoint draw subsets refitted for the Monte-Carlo error (0: not measured, draws not adapted)")
     p.add_argument("--profile", nargs="+", metavar="PARAM", help="profile only these population parameters")
     p.add_argument("--likelihood", choices=["auto", "amortized", "exact"], default="auto",
                    help="amortized: weights 1/p(phi) (the paper's objective); exact: weights p(y|phi)/q(phi|y), "

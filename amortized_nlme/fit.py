@@ -11,6 +11,7 @@ that numpy, scipy's L-BFGS-B and the numba kernel do not compete for cores.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,18 @@ DEFAULT_OPTIMIZER_OPTIONS: dict[str, Any] = {"maxiter": 2000, "ftol": 1e-12, "gt
 
 
 @dataclass
+class Pilot:
+    """The multistart of the first round of :func:`fit_with_enough_draws`, kept when later rounds refitted on more
+    draws from its distinct optima (its pyPESTO result holds the start results only, not the objective)."""
+
+    n_draws: int
+    n_starts: int
+    n_converged: int
+    fval: float
+    result: pypesto.Result
+
+
+@dataclass
 class FitResult:
     """Outcome of :func:`fit`: the estimate, its uncertainty and the pyPESTO objects (store with
     ``pypesto.store.write_result(fit.result, path)``, plot with ``pypesto.visualize.waterfall(fit.result)``)."""
@@ -55,7 +68,9 @@ class FitResult:
     wald_ci: dict[float, np.ndarray] = field(default_factory=dict)
     profile_ci: dict[float, np.ndarray] = field(default_factory=dict)
     mc_se: np.ndarray | None = None
+    mc_bias: np.ndarray | None = None
     at_bound: np.ndarray | None = None
+    pilot: Pilot | None = None
 
     @property
     def mc_se_fval(self) -> float:
@@ -83,6 +98,8 @@ class FitResult:
                 row["se"] = float(self.se[i])
             if self.mc_se is not None:
                 row["mc_se"] = float(self.mc_se[i])
+            if self.mc_bias is not None:
+                row["mc_bias"] = float(self.mc_bias[i])
             for level, ci in self.wald_ci.items():
                 row[f"wald_{int(round(level * 100))}"] = (float(ci[i, 0]), float(ci[i, 1]))
             for level, ci in self.profile_ci.items():
@@ -146,14 +163,16 @@ def fit(
     levels: Sequence[float] = DEFAULT_LEVELS,
     converge_tol: float = 0.1,
     progress_bar: bool = False,
+    initial_guess: bool = True,
 ) -> FitResult:
-    """Multistart L-BFGS-B fit of ``model`` on ``draws`` (first start: the posterior-median guess, then ``x_guesses``,
-    then uniform random starts); optionally Wald SEs/CIs and profile-likelihood CIs at the best point."""
+    """Multistart L-BFGS-B fit of ``model`` on ``draws`` (first start: the posterior-median guess unless
+    ``initial_guess`` is False, then ``x_guesses``, then uniform random starts); optionally Wald SEs/CIs and
+    profile-likelihood CIs at the best point."""
     t0 = time.perf_counter()
     objective = PopulationObjective(model, draws, covariates, groups)
-    guesses = [model.initial_guess(draws.draws, covariates, groups)]
+    guesses = [model.initial_guess(draws.draws, covariates, groups)] if initial_guess else []
     guesses += [np.asarray(g, dtype=np.float64) for g in (x_guesses or [])]
-    problem = make_problem(objective, guesses, seed)
+    problem = make_problem(objective, guesses or None, seed)
     logger.info(
         "fitting %d population parameters on %d individuals x %d draws, %d starts",
         model.n_theta, draws.n, draws.M, n_starts,
@@ -332,3 +351,153 @@ def mc_standard_errors(
         logger.info("Monte-Carlo refit %d/%d: objective %.4f", r + 1, n_sets, fval)
     fr.mc_se = ests.std(axis=0, ddof=1)
     return fr.mc_se, ests
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Monte-Carlo error of the estimates, and enough draws to make it small
+
+
+@dataclass
+class MonteCarloError:
+    """Monte-Carlo error of the estimates at ``n_draws`` draws per individual, from local refits on ``n_sets``
+    disjoint subsets of the draws (each ``n_draws / n_sets`` draws).
+
+    ``se``: the spread of the refits scaled to all draws (SD / sqrt(K)). ``bias``: the jackknife estimate of the
+    estimates' O(1/M) Monte-Carlo bias (the log of a Monte-Carlo mean is biased, so the fitted theta is too): with
+    bias b/M, the subsets' estimates are off by K b/M on average and the full fit by b/M, hence
+    bias = (mean of the refits - estimate) / (K - 1). Bias, not variance, is what too few draws costs at large n:
+    the statistical SE shrinks like 1/sqrt(n), the bias does not.
+    """
+
+    n_draws: int
+    n_sets: int
+    se: np.ndarray
+    bias: np.ndarray
+    estimates: np.ndarray
+
+    @property
+    def rms(self) -> np.ndarray:
+        """Root-mean-square Monte-Carlo error (variance and bias together)."""
+        return np.hypot(self.se, self.bias)
+
+    def ratio(self, statistical_se: np.ndarray) -> np.ndarray:
+        """Monte-Carlo RMS error over the statistical SE, per parameter (NaN where the SE is undefined)."""
+        se = np.asarray(statistical_se, dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(np.isfinite(se) & (se > 0), self.rms / se, np.nan)
+
+    def draws_factor(self, statistical_se: np.ndarray, target: float) -> float:
+        """The smallest factor f by which to multiply the draws so that every parameter's predicted Monte-Carlo RMS
+        error, sqrt(se^2 / f + bias^2 / f^2), is at most ``target`` times its statistical SE (1 when it is already)."""
+        se = np.asarray(statistical_se, dtype=np.float64)
+        ok = np.isfinite(se) & (se > 0)
+        if not ok.any():
+            return 1.0
+        a, b, t2 = self.se[ok] ** 2, self.bias[ok] ** 2, (target * se[ok]) ** 2
+        # a / f + b / f^2 <= t2  <=>  t2 f^2 - a f - b >= 0
+        f = (a + np.sqrt(a * a + 4.0 * t2 * b)) / (2.0 * t2)
+        return float(max(1.0, np.max(f)))
+
+
+def monte_carlo_error(fr: FitResult, draws: DrawSet, n_sets: int = 4,
+                      optimizer_options: Mapping[str, Any] | None = None) -> MonteCarloError:
+    """Refit locally on ``n_sets`` disjoint subsets of ``draws`` (every K-th draw) and fill ``fr.mc_se`` and
+    ``fr.mc_bias`` (see :class:`MonteCarloError`); no sampling needed."""
+    sd, ests = mc_standard_errors(fr, lambda r: draws.take_draws(slice(r, None, n_sets)), n_sets=n_sets,
+                                  optimizer_options=optimizer_options)
+    mce = MonteCarloError(n_draws=draws.M, n_sets=n_sets, se=sd / np.sqrt(n_sets),
+                          bias=(ests.mean(axis=0) - fr.estimate) / (n_sets - 1), estimates=ests)
+    fr.mc_se, fr.mc_bias = mce.se, mce.bias
+    return mce
+
+
+def distinct_end_points(fr: FitResult, tol: float = 0.1) -> list[np.ndarray]:
+    """The multistart's end points, best first, one per local optimum (end values closer than ``tol`` count as one):
+    the starts of a refit on more draws, whose optima move only by Monte-Carlo error."""
+    ends = sorted((r for r in fr.result.optimize_result.list if r.x is not None and r.fval is not None
+                   and np.isfinite(r.fval)), key=lambda r: r.fval)
+    kept: list[Any] = []
+    for r in ends:
+        if all(abs(r.fval - k.fval) >= tol for k in kept):
+            kept.append(r)
+    return [np.asarray(r.x, dtype=np.float64) for r in kept]
+
+
+@dataclass
+class DrawsRound:
+    """One round of :func:`fit_with_enough_draws`: the draws it fitted on and the Monte-Carlo error it found."""
+
+    n_draws: int
+    fval: float
+    max_ratio: float
+    worst_parameter: str
+    fit_s: float
+    mc_s: float
+
+    def summary(self) -> dict[str, Any]:
+        return {"n_draws": self.n_draws, "objective": self.fval, "max_mc_over_se": self.max_ratio,
+                "worst_parameter": self.worst_parameter, "fit_s": round(self.fit_s, 2), "mc_s": round(self.mc_s, 2)}
+
+
+def fit_with_enough_draws(
+    model: PopulationModel,
+    draws: DrawSet,
+    more_draws: Callable[[int, int], DrawSet] | None,
+    covariates: Mapping[str, np.ndarray] | None = None,
+    groups: np.ndarray | Sequence[Any] | None = None,
+    *,
+    n_starts: int = 10,
+    seed: int = 0,
+    n_sets: int = 4,
+    target: float = 0.3,
+    max_draws: int = 8000,
+    max_rounds: int = 3,
+    progress_bar: bool = False,
+) -> tuple[FitResult, DrawSet, MonteCarloError, list[DrawsRound]]:
+    """Multistart fit with Wald SEs and the Monte-Carlo error of the estimates; while that error (RMS of Monte-Carlo
+    SE and jackknife bias) exceeds ``target`` times the statistical SE of some parameter, more draws are fetched
+    from ``more_draws(m, round)`` (m fresh draws per individual, same weights) and the fit is repeated from the
+    previous fit's end points, up to ``max_draws`` per individual and ``max_rounds`` extensions. ``more_draws=None``
+    fits once and only measures the error. A refit starts from the previous fit's distinct optima
+    (:func:`distinct_end_points`). Returns the last fit, its draws, its error and every round's numbers."""
+    if n_sets < 2:
+        raise ValueError("the Monte-Carlo error needs at least 2 disjoint draw subsets")
+    rounds: list[DrawsRound] = []
+    starts: list[np.ndarray] | None = None
+    pilot: Pilot | None = None
+    while True:
+        t0 = time.perf_counter()
+        if starts is None:
+            fr = fit(model, draws, covariates, groups, n_starts=n_starts, seed=seed, wald=True,
+                     progress_bar=progress_bar)
+        else:
+            fr = fit(model, draws, covariates, groups, n_starts=len(starts), seed=seed, x_guesses=starts,
+                     initial_guess=False, wald=True, progress_bar=progress_bar)
+            fr.pilot = pilot
+        t1 = time.perf_counter()
+        mce = monte_carlo_error(fr, draws, n_sets)
+        ratio = mce.ratio(fr.se)
+        worst = int(np.nanargmax(ratio)) if np.isfinite(ratio).any() else 0
+        rounds.append(DrawsRound(draws.M, fr.fval, float(np.nanmax(ratio)) if np.isfinite(ratio).any() else
+                                 float("nan"), fr.parameter_names[worst], t1 - t0, time.perf_counter() - t1))
+        logger.info("%d draws per individual: Monte-Carlo error up to %.2f x the statistical SE (%s)", draws.M,
+                    rounds[-1].max_ratio, rounds[-1].worst_parameter)
+        if more_draws is None or not rounds[-1].max_ratio > target:
+            break
+        if len(rounds) > max_rounds or draws.M >= max_draws:
+            logger.warning("Monte-Carlo error still %.2f x the statistical SE of %s with %d draws per individual "
+                           "(limit %d); the estimator is a poor proposal there", rounds[-1].max_ratio,
+                           rounds[-1].worst_parameter, draws.M, max_draws)
+            break
+        # 25 % beyond the predicted need (the error estimates are themselves noisy), at least doubling
+        factor = max(2.0, 1.25 * mce.draws_factor(fr.se, target))
+        target_m = int(min(max_draws, math.ceil(draws.M * factor / 50.0) * 50))
+        logger.info("drawing %d more posterior draws per individual (%d -> %d)", target_m - draws.M, draws.M,
+                    target_m)
+        draws = DrawSet.concatenate([draws, more_draws(target_m - draws.M, len(rounds))])
+        starts = distinct_end_points(fr) or [fr.estimate]
+        if pilot is None:
+            pilot = Pilot(n_draws=fr.objective.draws.M, n_starts=fr.n_starts, n_converged=fr.n_converged,
+                          fval=fr.fval, result=pypesto.Result(optimize_result=fr.result.optimize_result))
+        del fr  # the previous round's objective and draws can go
+    return fr, draws, mce, rounds

@@ -53,7 +53,9 @@ class InferenceOptions:
     seed: int = 0
     groups: list[str] | None = None
     max_individuals: int | None = None
-    mc_refits: int = 3
+    mc_refits: int = 4  # disjoint draw subsets for the Monte-Carlo error (0: not measured, draws not adapted)
+    mc_target: float = 0.3  # with n_draws None: more draws until Monte-Carlo RMS error <= this x statistical SE
+    max_draws: int | None = None  # cap on the adapted draws per individual (default: see draws_cap)
     cache_dir: str | None = None
     marginal: str = "auto"  # importance-sampling -2LL/AIC/BIC/BICc: "on", "off", or "auto" (on for small data)
     likelihood: str = "auto"  # "amortized" (weights 1/p(phi)), "exact" (p(y|phi)/q(phi|y)), "auto"
@@ -79,6 +81,8 @@ class InferenceContext:
     population_config: dict[str, Any]
     likelihood: str = "amortized"
     timings: dict[str, float] = field(default_factory=dict)
+    data_hash: str = ""
+    cache: Path | None = None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -99,9 +103,26 @@ def read_data(path: str, workflow: WorkflowConfig) -> Dataset:
 
 
 def default_n_draws(n_individuals: int) -> int:
-    """Posterior draws per individual: Monte-Carlo bias of the summed log-likelihood grows like n / M, so M grows
-    with the number of individuals (200 for small studies, 1000 from 10,000 individuals on)."""
+    """Posterior draws per individual to start with: Monte-Carlo bias of the summed log-likelihood grows like n / M,
+    so M grows with the number of individuals (200 for small studies, 1000 from 10,000 individuals on); with
+    ``--draws auto`` the fit then adds draws until the Monte-Carlo error is small (:func:`draws_cap` bounds it)."""
     return int(np.clip(round(n_individuals / 10, -1), 200, 1000))
+
+
+#: the adapted draws stop growing at this many draw coordinates (individuals x draws x parameters): ~2 GB in float64
+MAX_DRAW_COORDINATES = 240_000_000
+
+
+def draws_cap(n_individuals: int, n_params: int, start: int) -> int:
+    """Most draws per individual that ``--draws auto`` may grow to: 8 times the start, at most 10,000, and within
+    :data:`MAX_DRAW_COORDINATES` (never below the start)."""
+    by_memory = MAX_DRAW_COORDINATES // max(1, n_individuals * n_params)
+    return int(max(start, min(8 * start, 10_000, by_memory)))
+
+
+def extension_seed(seed: int, round_: int) -> int:
+    """Seed of the ``round_``-th batch of extra posterior draws (independent of the first batch and of each other)."""
+    return int(np.random.SeedSequence([int(seed) % (1 << 63), 0xD2A5, round_]).generate_state(1)[0])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -228,11 +249,29 @@ def posterior_draws(estimator: TrainedEstimator, observations: np.ndarray, desig
 # the stage
 
 
+def check_options(opts: InferenceOptions) -> None:
+    """Refuse option values that cannot work, before anything is read or sampled."""
+    if opts.n_draws is not None and opts.n_draws < 2:
+        raise ConfigError(f"--draws must be at least 2 posterior draws per individual, not {opts.n_draws}")
+    if opts.mc_refits == 1 or opts.mc_refits < 0:
+        raise ConfigError(f"--mc-refits must be 0 (no Monte-Carlo error) or at least 2, not {opts.mc_refits}")
+    if opts.n_draws is not None and opts.mc_refits and opts.n_draws < 2 * opts.mc_refits:
+        raise ConfigError(f"--draws {opts.n_draws} cannot be split into {opts.mc_refits} subsets of at least 2 "
+                          "draws (--mc-refits)")
+    if not opts.mc_target > 0:
+        raise ConfigError(f"--mc-target must be a positive fraction of the statistical SE, not {opts.mc_target}")
+    if opts.max_draws is not None and opts.max_draws < 2:
+        raise ConfigError(f"--max-draws must be at least 2, not {opts.max_draws}")
+    if opts.n_starts < 1:
+        raise ConfigError(f"--starts must be at least 1, not {opts.n_starts}")
+
+
 def prepare_inference(opts: InferenceOptions) -> InferenceContext:
     """Read data, estimator and population model, lay the data out for the model and draw (or load) the
     posterior samples."""
     from simulators import get_model
 
+    check_options(opts)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     workflow = load_workflow(opts.config or opts.model)
@@ -261,7 +300,8 @@ def prepare_inference(opts: InferenceOptions) -> InferenceContext:
     estimator = load_estimator(opts.estimator or REPO / "trained_models" / workflow.model, model)
     n_draws = opts.n_draws or default_n_draws(data.n_individuals)
     cache = Path(opts.cache_dir) if opts.cache_dir else (REPO / "results" / CACHE_DIR)
-    draws = posterior_draws(estimator, observations, design, n_draws, opts.seed, data.content_hash(), cache)
+    data_hash = data.content_hash()
+    draws = posterior_draws(estimator, observations, design, n_draws, opts.seed, data_hash, cache)
     timings["posterior_draws_s"] = time.perf_counter() - t1
     likelihood = choose_likelihood(opts.likelihood, model, observations, design, draws.shape[0] * draws.shape[1])
     drawset, likelihood = weighted_drawset(likelihood, estimator, model, observations, design, draws, data.ids,
@@ -273,7 +313,7 @@ def prepare_inference(opts: InferenceOptions) -> InferenceContext:
         logger.info("kernel sd for parameters without random effect: %s",
                     {p: round(v, 4) for p, v in population.fixed_std.items()})
     return InferenceContext(opts, workflow, model, estimator, data, observations, design, draws, drawset,
-                            covariates, groups, population, pop_cfg, likelihood, timings)
+                            covariates, groups, population, pop_cfg, likelihood, timings, data_hash, cache)
 
 
 #: "auto" tries exact likelihood weights when individuals x draws x time points stays below this
@@ -358,14 +398,76 @@ def split_drawset(ctx: InferenceContext, n_sets: int) -> list[DrawSet]:
     return [ctx.drawset.take_draws(slice(r, None, n_sets)) for r in range(n_sets)]
 
 
+def draws_extender(ctx: InferenceContext):
+    """``more(m, round)``: m fresh posterior draws per individual (own seed per round, cached like the first ones)
+    with the context's kind of weights; appends them to ``ctx.draws`` and counts their time."""
+
+    def more(m: int, round_: int) -> DrawSet:
+        t0 = time.perf_counter()
+        new = posterior_draws(ctx.estimator, ctx.observations, ctx.design, m, extension_seed(ctx.options.seed, round_),
+                              ctx.data_hash, ctx.cache)
+        ctx.timings["posterior_draws_s"] = ctx.timings.get("posterior_draws_s", 0.0) + time.perf_counter() - t0
+        ds, _ = weighted_drawset("exact" if ctx.likelihood == "exact" else "amortized", ctx.estimator, ctx.model,
+                                 ctx.observations, ctx.design, new, ctx.dataset.ids, None)
+        ctx.draws = np.concatenate([ctx.draws, new], axis=1)
+        return ds
+
+    return more
+
+
+def fit_population(ctx: InferenceContext, profile: bool | list[int]):
+    """The fit of ``run_inference``: multistart with Wald SEs; with ``mc_refits`` >= 2 the Monte-Carlo error of the
+    estimates, and (``--draws auto``) more draws until it is below ``mc_target`` x the statistical SE; then the
+    profiles on the final draws. Returns the fit and the Monte-Carlo section of ``summary.json``."""
+    from amortized_nlme.fit import fit, fit_with_enough_draws, profile_intervals
+
+    opts = ctx.options
+    t0 = time.perf_counter()
+    if opts.mc_refits < 2:
+        fr = fit(ctx.population, ctx.drawset, ctx.covariates, ctx.groups, n_starts=opts.n_starts, seed=opts.seed,
+                 wald=True, profile=profile, progress_bar=True)
+        ctx.timings["fit_s"] = time.perf_counter() - t0
+        return fr, {}
+    adaptive = opts.n_draws is None
+    start_m = ctx.drawset.M
+    cap = opts.max_draws or draws_cap(ctx.dataset.n_individuals, ctx.model.n_params, start_m)
+    fr, ctx.drawset, mce, rounds = fit_with_enough_draws(
+        ctx.population, ctx.drawset, draws_extender(ctx) if adaptive else None, ctx.covariates, ctx.groups,
+        n_starts=opts.n_starts, seed=opts.seed, n_sets=opts.mc_refits, target=opts.mc_target, max_draws=cap,
+        progress_bar=True)
+    ctx.timings["fit_s"] = sum(r.fit_s for r in rounds)
+    ctx.timings["mc_refits_s"] = sum(r.mc_s for r in rounds)
+    ratio = mce.ratio(fr.se)
+    worst = float(np.nanmax(ratio)) if np.isfinite(ratio).any() else None
+    if not adaptive and worst is not None and worst > opts.mc_target:
+        logger.warning("Monte-Carlo error is %.2f x the statistical SE of %s with %d draws: rerun with more --draws "
+                       "(or leave --draws out to have them adapted)", worst, rounds[-1].worst_parameter,
+                       ctx.drawset.M)
+    if profile is not False:
+        t1 = time.perf_counter()
+        profile_intervals(fr, None if profile is True else list(profile), progress_bar=True)
+        ctx.timings["profiles_s"] = time.perf_counter() - t1
+    mc = {
+        "method": f"local refits on {opts.mc_refits} disjoint subsets of the draws (M/{opts.mc_refits} each): "
+                  "Monte-Carlo SE = SD / sqrt(K), jackknife bias = (mean of refits - estimate) / (K - 1)",
+        "draws": "adapted" if adaptive else "fixed (--draws)",
+        "target_mc_over_se": opts.mc_target,
+        "n_draws_start": start_m, "n_draws_final": int(ctx.drawset.M), "n_draws_cap": cap if adaptive else None,
+        "rounds": [r.summary() for r in rounds],
+        "mc_se": dict(zip(fr.parameter_names, mce.se.tolist())),
+        "mc_bias": dict(zip(fr.parameter_names, mce.bias.tolist())),
+        "mc_over_se": dict(zip(fr.parameter_names, ratio.tolist())),
+        "max_mc_over_se": worst,
+    }
+    return fr, mc
+
+
 def run_inference(opts: InferenceOptions) -> Path:
     """Fit the population model and write ``results/<run>/`` (estimates, uncertainty, plots, exact inputs)."""
-    from amortized_nlme.fit import fit, mc_standard_errors
     from amortized_nlme.report import format_estimates, write_results
 
     ctx = prepare_inference(opts)
     out = Path(opts.out or REPO / "results" / f"{ctx.model.name}-{Path(opts.data).name.split('.')[0]}")
-    t0 = time.perf_counter()
     profile: bool | list[int] = opts.profiles
     if opts.profiles and opts.profile_parameters:
         names = list(ctx.population.parameter_names)
@@ -373,24 +475,7 @@ def run_inference(opts: InferenceOptions) -> Path:
         if unknown:
             raise ConfigError(f"--profile: unknown population parameters {unknown}; they are {names}")
         profile = [names.index(p) for p in opts.profile_parameters]
-    fr = fit(ctx.population, ctx.drawset, ctx.covariates, ctx.groups, n_starts=opts.n_starts, seed=opts.seed,
-             wald=True, profile=profile, progress_bar=True)
-    ctx.timings["fit_s"] = time.perf_counter() - t0
-    mc = {}
-    if opts.mc_refits >= 2:
-        t1 = time.perf_counter()
-        subsets = split_drawset(ctx, opts.mc_refits)
-        sd, ests = mc_standard_errors(fr, lambda r: subsets[r], n_sets=opts.mc_refits)
-        # each refit used M / K draws; Monte-Carlo error scales as 1 / sqrt(M)
-        fr.mc_se = sd / np.sqrt(opts.mc_refits)
-        ratio = fr.mc_se / fr.se if fr.se is not None else None
-        mc = {"method": f"refits on {opts.mc_refits} disjoint draw subsets of M/{opts.mc_refits}, SD / sqrt(K)",
-              "mc_se": dict(zip(fr.parameter_names, fr.mc_se.tolist())),
-              "max_mc_se_over_se": float(np.nanmax(ratio)) if ratio is not None else None}
-        if ratio is not None and np.nanmax(ratio) > 0.5:
-            logger.warning("Monte-Carlo error is large against the statistical error (max ratio %.2f): rerun with "
-                           "more --draws", np.nanmax(ratio))
-        ctx.timings["mc_refits_s"] = time.perf_counter() - t1
+    fr, mc = fit_population(ctx, profile)
     selection = marginal_likelihood_summary(ctx, fr, opts)
     inputs = {
         "command": " ".join(sys.argv),

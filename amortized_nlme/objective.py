@@ -75,6 +75,21 @@ class DrawSet:
         return ds
 
     @classmethod
+    def concatenate(cls, parts: Sequence["DrawSet"]) -> "DrawSet":
+        """The same individuals with the draws of ``parts`` side by side (e.g. a pilot draw set and fresh draws that
+        extend it); every part must have the same individuals, prior and kind of weights."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        first = parts[0]
+        for p in parts[1:]:
+            if p.n != first.n or p.k != first.k or p.kind != first.kind or p.ids != first.ids:
+                raise ValueError("draw sets to concatenate must have the same individuals, parameters and weights")
+        ds = cls(np.concatenate([p.draws for p in parts], axis=1), first.prior, first.ids)
+        ds.log_prior = np.ascontiguousarray(np.concatenate([p.log_prior for p in parts], axis=1))
+        ds.kind = first.kind
+        return ds
+
+    @classmethod
     def with_likelihood(cls, draws: np.ndarray, prior: NormalPrior, log_q: np.ndarray, log_lik: np.ndarray,
                         ids: Sequence[Any] | None = None) -> "DrawSet":
         """Draws from q(phi | y_i) weighted by the exact individual likelihood, p(y_i | phi) / q(phi | y_i), instead

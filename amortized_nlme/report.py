@@ -101,6 +101,7 @@ def estimates_frame(fit: FitResult) -> pd.DataFrame:
             row["natural_lo95"], row["natural_hi95"] = np.nan, np.nan
         row["ci95_method"] = method
         row["mc_se"] = r.get("mc_se", np.nan)
+        row["mc_bias"] = r.get("mc_bias", np.nan)
         row["at_bound"] = bool(r.get("at_bound", False))
         out.append(row)
     return pd.DataFrame(out)
@@ -108,14 +109,15 @@ def estimates_frame(fit: FitResult) -> pd.DataFrame:
 
 def format_estimates(fit: FitResult) -> str:
     """Compact fixed-width table of the estimates for stdout: log-scale estimate, natural value, SE, 95% CI (profile
-    where computed, else Wald), Monte-Carlo SE; ``*`` marks an estimate at a bound."""
+    where computed, else Wald), Monte-Carlo SE and bias; ``*`` marks an estimate at a bound."""
     df = estimates_frame(fit)
     width = max(9, int(df["name"].str.len().max()))
 
     def num(x: float, w: int = 9) -> str:
         return f"{x:>{w}.4g}" if np.isfinite(x) else " " * (w - 1) + "-"
 
-    head = f"{'parameter':<{width}}  {'estimate':>9}  {'natural':>9}  {'SE':>9}  {'95% CI':^23}  {'MC SE':>9}"
+    head = (f"{'parameter':<{width}}  {'estimate':>9}  {'natural':>9}  {'SE':>9}  {'95% CI':^23}  {'MC SE':>9}  "
+            f"{'MC bias':>9}")
     lines = [head, "-" * len(head)]
     for _, r in df.iterrows():
         lo = r["profile95_lo"] if r["ci95_method"] == "profile" else r["wald95_lo"]
@@ -124,8 +126,9 @@ def format_estimates(fit: FitResult) -> str:
         ci = f"{f'[{lo:.4g}, {hi:.4g}]{tag}':<23}" if r["ci95_method"] else f"{'-':^23}"
         flag = " *" if r["at_bound"] else ""
         lines.append(f"{r['name']:<{width}}  {num(r['estimate'])}  {num(r['natural'])}  {num(r['se'])}  {ci}"
-                     f"  {num(r['mc_se'])}{flag}")
-    lines.append("95% CI: p = profile likelihood, w = Wald; natural = exp(estimate) for means, covariate effects, sds"
+                     f"  {num(r['mc_se'])}  {num(r['mc_bias'])}{flag}")
+    lines.append("95% CI: p = profile likelihood, w = Wald; natural = exp(estimate) for means, covariate effects, sds; "
+                 "MC = Monte-Carlo error from the finite posterior draws"
                  + ("; * = at a bound" if df["at_bound"].any() else ""))
     return "\n".join(lines)
 
@@ -153,6 +156,16 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"cannot write {type(obj).__name__} to JSON: {obj!r}")
 
 
+def _pilot_summary(fit: FitResult) -> dict[str, Any]:
+    """The first round's multistart when the final fit refined its optima on more draws."""
+    p = fit.pilot
+    return {"note": f"the multistart ran on the first {p.n_draws} draws per individual; the final fit started from "
+                    "its distinct optima on all draws", "n_draws": p.n_draws, "n_starts": p.n_starts,
+            "n_converged": p.n_converged, "fval": p.fval,
+            "starts": [{"id": r.id, "fval": r.fval, "n_fval": r.n_fval, "time_s": r.time, "exitflag": r.exitflag}
+                       for r in p.result.optimize_result.list]}
+
+
 def build_summary(fit: FitResult, inputs: Mapping[str, Any], extra: Mapping[str, Any] | None, ids: Sequence[str],
                   report_s: float | None = None) -> dict[str, Any]:
     """The content of ``summary.json``. Top-level keys of ``extra`` are added verbatim (e.g. ``model_selection`` with
@@ -173,7 +186,8 @@ def build_summary(fit: FitResult, inputs: Mapping[str, Any], extra: Mapping[str,
         "parameter_names": list(fit.parameter_names),
         "estimates": estimates_frame(fit).to_dict(orient="records"),
         "natural": fit.natural(),
-        "multistart": {"n_starts": fit.n_starts, "n_converged": fit.n_converged, "starts": starts},
+        "multistart": {"n_starts": fit.n_starts, "n_converged": fit.n_converged, "starts": starts,
+                       **({} if fit.pilot is None else {"pilot": _pilot_summary(fit)})},
         "at_bound": [n for n, b in zip(fit.parameter_names, fit.at_bound if fit.at_bound is not None else [])
                      if b],
         "timings": {"fit_s": fit.time_s, **({"report_s": report_s} if report_s is not None else {})},
@@ -357,8 +371,15 @@ def plot_waterfall(fit: FitResult, path: Path) -> None:
     plt = _pyplot()
     import pypesto.visualize
 
-    ax = pypesto.visualize.waterfall(fit.result, size=(8, 5))
-    ax.set_title(f"Multistart: {fit.n_converged} of {fit.n_starts} starts converged to the best objective")
+    if fit.pilot is None:
+        ax = pypesto.visualize.waterfall(fit.result, size=(8, 5))
+        ax.set_title(f"Multistart: {fit.n_converged} of {fit.n_starts} starts converged to the best objective")
+    else:  # the exploration ran on the first draws; the final fit refined its distinct optima on more draws
+        p = fit.pilot
+        ax = pypesto.visualize.waterfall(p.result, size=(8, 5))
+        ax.set_title(f"Multistart on the first {p.n_draws} draws: {p.n_converged} of {p.n_starts} starts converged "
+                     f"to the best objective;\nits {fit.n_starts} distinct optima refitted on "
+                     f"{fit.objective.draws.M} draws", fontsize=10)
     fig = ax.get_figure()
     _tight(fig)
     fig.savefig(path, dpi=110)
@@ -585,7 +606,7 @@ def render_report(fit: FitResult, summary: Mapping[str, Any], plots: Sequence[st
         "natural": df["natural"],
         "natural 95% CI": [f"[{lo:.4g}, {hi:.4g}]" if np.isfinite(lo) else "–"
                            for lo, hi in zip(df["natural_lo95"], df["natural_hi95"])],
-        "MC SE": df["mc_se"], "at bound": np.where(df["at_bound"], "yes", ""),
+        "MC SE": df["mc_se"], "MC bias": df["mc_bias"], "at bound": np.where(df["at_bound"], "yes", ""),
     })
     ic = summary["information_criteria"]
     ess = summary["ess"]
@@ -599,11 +620,23 @@ def render_report(fit: FitResult, summary: Mapping[str, Any], plots: Sequence[st
         f"- objective J = {fit.fval:.4f} (Monte-Carlo SE {fit.mc_se_fval:.3f}); -2LL = {ic['minus2ll_rel']:.3f}, "
         f"AIC = {ic['aic_rel']:.3f}, BIC = {ic['bic_rel']:.3f} (up to a constant shared by all population models "
         "fitted to the same data and estimator)",
-        f"- multistart: {fit.n_converged} of {fit.n_starts} starts converged to the best objective; "
-        f"fit time {fit.time_s:.1f} s",
+        (f"- multistart: {fit.n_converged} of {fit.n_starts} starts converged to the best objective; "
+         f"fit time {fit.time_s:.1f} s" if fit.pilot is None else
+         f"- multistart on the first {fit.pilot.n_draws} draws: {fit.pilot.n_converged} of {fit.pilot.n_starts} "
+         f"starts converged to the best objective; its {fit.n_starts} distinct optima refitted on all draws "
+         f"({fit.n_converged} reached the best); last fit {fit.time_s:.1f} s"),
         f"- importance sampling: median ESS {ess['ess_median']:.1f}, minimum {ess['ess_min']:.1f}, "
         f"{ess['n_low_ess']} individuals below {ess['ess_threshold']:.0f}",
     ]
+    mc = summary.get("monte_carlo") or {}
+    if mc.get("rounds"):
+        worst = mc.get("max_mc_over_se")
+        grown = (f"adapted from {mc['n_draws_start']} to {mc['n_draws_final']}" if mc["n_draws_final"] !=
+                 mc["n_draws_start"] else f"{mc['n_draws_final']} ({mc['draws']})")
+        lines.append(f"- posterior draws per individual: {grown}; Monte-Carlo error of the estimates (SE and "
+                     "jackknife bias, from refits on disjoint draw subsets) at most "
+                     f"{worst:.2f} x the statistical SE (target {mc['target_mc_over_se']:.2f})"
+                     if worst is not None else f"- posterior draws per individual: {grown}")
     for key in ("data_hash", "estimator_sha256", "seed"):
         if key in inputs:
             lines.append(f"- {key}: `{inputs[key]}`")

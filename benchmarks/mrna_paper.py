@@ -1,7 +1,7 @@
 """The seed paper's synthetic mRNA experiments against its reference numbers (Arruda et al. 2024): populations of
 50 to 10,000 cells simulated from the true population values of its tables, fitted with the shipped estimator
 through the same steps as ``amortized-nlme infer`` (posterior draws, likelihood weights chosen as under
-``--likelihood auto``, 10-start L-BFGS, Wald CIs).
+``--likelihood auto``, 10-start L-BFGS, Wald CIs, draws added until the Monte-Carlo error is small).
 
     python benchmarks/mrna_paper.py [--model mrna_simple] [--sizes 50 100 500 1000 5000 10000] [--starts 10]
 
@@ -28,8 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from amortized_nlme.estimator import load_estimator  # noqa: E402
-from amortized_nlme.fit import fit  # noqa: E402
-from amortized_nlme.infer import choose_likelihood, default_n_draws, weighted_drawset  # noqa: E402
+from amortized_nlme.fit import fit, fit_with_enough_draws  # noqa: E402
+from amortized_nlme.infer import (  # noqa: E402
+    choose_likelihood,
+    default_n_draws,
+    draws_cap,
+    extension_seed,
+    weighted_drawset,
+)
 from amortized_nlme.population import PopulationModel  # noqa: E402
 from simulators import get_model  # noqa: E402
 
@@ -62,8 +68,10 @@ def synthetic_population(model, truth: dict, n: int, rng: np.random.Generator):
     return phi, model.simulate(phi, design, rng), design
 
 
-def run_size(model, est, truth: dict, n: int, n_starts: int, seed: int) -> dict:
-    """Simulate, sample, weight, fit one population of ``n`` cells; return timings, estimates and scores."""
+def run_size(model, est, truth: dict, n: int, n_starts: int, seed: int, adapt: bool = True) -> dict:
+    """Simulate, sample, weight, fit one population of ``n`` cells; return timings, estimates and scores. With
+    ``adapt`` the draws grow as under ``amortized-nlme infer`` without ``--draws`` (Monte-Carlo error of every
+    estimate at most 0.3 of its SE, up to the same cap); otherwise one fit on the starting number of draws."""
     rng = np.random.default_rng([seed, n])
     phi, obs, design = synthetic_population(model, truth, n, rng)
     n_draws = default_n_draws(n)
@@ -78,9 +86,29 @@ def run_size(model, est, truth: dict, n: int, n_starts: int, seed: int) -> dict:
     names = list(model.param_names)
     re = [p for p, v in zip(names, truth["var"]) if v > 0]
     pop = PopulationModel(model.prior, random_effects=re).with_fixed_std_from_draws(drawset.draws, fraction=0.2)
+    extra_s = {"sampling": 0.0, "weights": 0.0}
+
+    def more(m: int, round_: int):
+        t = time.perf_counter()
+        new = est.sample(obs, design, m, seed=extension_seed(seed, round_))
+        extra_s["sampling"] += time.perf_counter() - t
+        t = time.perf_counter()
+        ds, _ = weighted_drawset("exact" if likelihood == "exact" else "amortized", est, model, obs, design, new,
+                                 range(n))
+        extra_s["weights"] += time.perf_counter() - t
+        return ds
+
     t2 = time.perf_counter()
-    fr = fit(pop, drawset, n_starts=n_starts, seed=seed, wald=True)
-    t_fit = time.perf_counter() - t2
+    if adapt:
+        fr, drawset, mce, rounds = fit_with_enough_draws(pop, drawset, more, n_starts=n_starts, seed=seed,
+                                                         max_draws=draws_cap(n, model.n_params, n_draws))
+        t_fit, t_mc = sum(r.fit_s for r in rounds), sum(r.mc_s for r in rounds)
+        mc = {"rounds": [r.summary() for r in rounds], "mc_se": mce.se.tolist(), "mc_bias": mce.bias.tolist()}
+    else:
+        fr = fit(pop, drawset, n_starts=n_starts, seed=seed, wald=True)
+        t_fit, t_mc, mc = time.perf_counter() - t2, 0.0, {}
+    t_sample += extra_s["sampling"]
+    t_weights += extra_s["weights"]
     est_t = pop.transform(fr.estimate)
     ci = fr.wald_ci.get(0.95)
     rows = {}
@@ -103,10 +131,11 @@ def run_size(model, est, truth: dict, n: int, n_starts: int, seed: int) -> dict:
         lo, hi = v["ci95"]
         v["covers"] = None if lo is None else bool(lo <= v["truth"] <= hi)
     return {
-        "n": n, "n_draws": n_draws, "likelihood": likelihood, "labels_swapped": swapped,
-        "time_s": {"sampling": t_sample, "weights": t_weights, "fit": t_fit, "per_start": t_fit / n_starts,
-                   "total": t_sample + t_weights + t_fit},
-        "n_starts": n_starts, "n_converged": fr.n_converged, "parameters": rows,
+        "n": n, "n_draws_start": n_draws, "n_draws": int(drawset.M), "likelihood": likelihood,
+        "labels_swapped": swapped,
+        "time_s": {"sampling": t_sample, "weights": t_weights, "fit": t_fit, "mc_error": t_mc,
+                   "per_start": t_fit / n_starts, "total": t_sample + t_weights + t_fit + t_mc},
+        "n_starts": n_starts, "n_converged": fr.n_converged, "parameters": rows, "monte_carlo": mc,
         "omega_sd": est_t["omega_sd"], "log_mean": est_t["log_mean"],
     }
 
@@ -138,9 +167,9 @@ def _relabel(rows: dict, pair: tuple[str, str] | None) -> bool:
 def table(model_name: str, results: list[dict]) -> str:
     """Markdown: time and accuracy per size."""
     ref = PAPER_SECONDS[model_name]
-    lines = ["| cells | draws | weights | delta/gamma labels | sampling (s) | fit (s) | per start (s) | total (s) "
-             "| max abs error of means | max abs error of log omega | 95% CIs covering the truth |",
-             "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| cells | draws | weights | delta/gamma labels | sampling (s) | fit (s) | MC error (s) | total (s) "
+             "| max MC error / SE | max abs error of means | max abs error of log omega | 95% CIs covering the truth |",
+             "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         t = r["time_s"]
         means = [v for k, v in r["parameters"].items() if k.startswith("beta_")]
@@ -149,9 +178,13 @@ def table(model_name: str, results: list[dict]) -> str:
         err_o = max(abs(v["estimate"] - v["truth"]) for v in omegas) if omegas else float("nan")
         cov = [v["covers"] for v in r["parameters"].values() if v["covers"] is not None]
         labels = "swapped" if r["labels_swapped"] else "as fitted"
-        lines.append(f"| {r['n']:,} | {r['n_draws']} | {r['likelihood']} | {labels} | {t['sampling']:.1f} | "
-                     f"{t['fit']:.1f} | "
-                     f"{t['per_start']:.2f} | {t['total']:.1f} | {err_m:.3f} | {err_o:.3f} | {sum(cov)}/{len(cov)} |")
+        start = r.get("n_draws_start", r["n_draws"])
+        draws = f"{start} → {r['n_draws']}" if start != r["n_draws"] else f"{r['n_draws']}"
+        rounds = r.get("monte_carlo", {}).get("rounds")
+        ratio = f"{rounds[-1]['max_mc_over_se']:.2f}" if rounds else "–"
+        lines.append(f"| {r['n']:,} | {draws} | {r['likelihood']} | {labels} | {t['sampling']:.1f} | "
+                     f"{t['fit']:.1f} | {t.get('mc_error', 0.0):.1f} | {t['total']:.1f} | {ratio} | {err_m:.3f} | "
+                     f"{err_o:.3f} | {sum(cov)}/{len(cov)} |")
     lines.append(f"\nPaper at 10,000 cells: {ref['per_start']:.0f} s per start (its code, 8 cores), "
                  f"Monolix SAEM {ref['monolix']:,.0f} s.")
     return "\n".join(lines)
@@ -181,6 +214,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=2024)
     parser.add_argument("--estimator", help="estimator folder (default trained_models/<model>)")
     parser.add_argument("--json", help="where to write the results (default benchmarks/mrna_paper_<model>.json)")
+    parser.add_argument("--fixed-draws", action="store_true",
+                        help="one fit on the starting number of draws (no Monte-Carlo error, no adaptation)")
     args = parser.parse_args()
     model = get_model(args.model)
     folder = Path(args.estimator) if args.estimator else REPO / "trained_models" / args.model
@@ -192,7 +227,7 @@ def main() -> None:
     est.sample(warm[1], warm[2], 10)  # compile once, not timed
     results = []
     for n in args.sizes:
-        r = run_size(model, est, truth, n, args.starts, args.seed)
+        r = run_size(model, est, truth, n, args.starts, args.seed, adapt=not args.fixed_draws)
         results.append(r)
         print(f"n={n}: {json.dumps(r['time_s'])}", file=sys.stderr, flush=True)
     out = {"model": args.model, "estimator_sha256": est.sha256, "calibration_passed":

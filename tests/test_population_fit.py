@@ -299,3 +299,107 @@ def test_take_draws_keeps_the_kind_of_weights() -> None:
     amortized = DrawSet(draws, prior).take_draws(slice(0, None, 2))
     assert amortized.kind == "amortized"
     np.testing.assert_allclose(amortized.log_prior, prior.log_prob(draws[:, ::2]))
+
+
+def test_concatenate_keeps_weights_and_refuses_mismatches() -> None:
+    """Extending a draw set with fresh draws keeps both parts' weights (exact-likelihood ones included)."""
+    from amortized_nlme.model import NormalPrior
+
+    prior = NormalPrior(("a", "b"), np.zeros(2), np.ones(2))
+    rng = np.random.default_rng(1)
+    parts = [DrawSet.with_likelihood(d, prior, rng.standard_normal(d.shape[:2]), rng.standard_normal(d.shape[:2]))
+             for d in (rng.standard_normal((4, 6, 2)), rng.standard_normal((4, 10, 2)))]
+    both = DrawSet.concatenate(parts)
+    assert both.kind == "likelihood" and both.M == 16
+    np.testing.assert_array_equal(both.draws, np.concatenate([p.draws for p in parts], axis=1))
+    np.testing.assert_array_equal(both.log_prior, np.concatenate([p.log_prior for p in parts], axis=1))
+    with pytest.raises(ValueError, match="same individuals"):
+        DrawSet.concatenate([parts[0], DrawSet(rng.standard_normal((4, 6, 2)), prior)])  # other weights
+    three = DrawSet.with_likelihood(rng.standard_normal((3, 6, 2)), prior, np.zeros((3, 6)), np.zeros((3, 6)))
+    with pytest.raises(ValueError, match="same individuals"):
+        DrawSet.concatenate([parts[0], three])  # other individuals
+
+
+def test_draws_factor_closed_form() -> None:
+    """The predicted draw multiplier: pure variance needs (mc_se / (t se))^2, pure bias |bias| / (t se)."""
+    from amortized_nlme.fit import MonteCarloError
+
+    se = np.array([1.0, 2.0])
+    var_only = MonteCarloError(100, 4, se=np.array([0.6, 0.0]), bias=np.zeros(2), estimates=np.zeros((4, 2)))
+    assert var_only.draws_factor(se, 0.3) == pytest.approx((0.6 / 0.3) ** 2)
+    bias_only = MonteCarloError(100, 4, se=np.zeros(2), bias=np.array([0.0, -1.2]), estimates=np.zeros((4, 2)))
+    assert bias_only.draws_factor(se, 0.3) == pytest.approx(1.2 / 0.6)
+    assert bias_only.draws_factor(se, 0.9) == 1.0  # already small enough
+    np.testing.assert_allclose(bias_only.ratio(se), [0.0, 0.6])
+    assert np.isnan(bias_only.ratio(np.array([np.nan, 2.0]))[0])
+
+
+@pytest.fixture(scope="module")
+def lg_large() -> LinearGaussian:
+    """2,000 individuals: the statistical SE is small, so the O(1/M) Monte-Carlo bias of a few draws dominates."""
+    global N
+    saved, N = N, 2000
+    try:
+        return LinearGaussian(seed=4)
+    finally:
+        N = saved
+
+
+def test_jackknife_bias_matches_the_actual_monte_carlo_bias(lg_large: LinearGaussian) -> None:
+    """With 32 exact posterior draws the fitted omegas are biased upwards (log of a Monte-Carlo mean); the jackknife
+    from 4 disjoint subsets recovers most of that bias (averaged over draw sets), and none where there is none."""
+    from amortized_nlme.fit import monte_carlo_error
+
+    exact = lg_large.exact_mle_diag()
+    devs, jack = [], []
+    for seed in range(6):
+        ds = DrawSet(lg_large.post_mean[:, None, :] + np.sqrt(lg_large.post_var)
+                     * np.random.default_rng(50 + seed).standard_normal((lg_large.ybar.shape[0], 32, K)),
+                     lg_large.prior)
+        fr = fit(PopulationModel(lg_large.prior), ds, n_starts=1, seed=3)
+        mce = monte_carlo_error(fr, ds, n_sets=4)
+        assert fr.mc_bias is mce.bias and fr.mc_se is mce.se
+        devs.append(fr.estimate - exact)
+        jack.append(mce.bias)
+    dev, jk = np.mean(devs, axis=0), np.mean(jack, axis=0)
+    omegas = slice(K, 2 * K)
+    assert np.all(dev[omegas] > 3 * np.std(devs, axis=0)[omegas] / np.sqrt(6))  # the bias is real ...
+    assert np.all(jk[omegas] > 0.5 * dev[omegas]) and np.all(jk[omegas] < 1.5 * dev[omegas])  # ... and estimated
+    assert np.all(np.abs(jk[:K]) < 0.2 * fr.se[:K])  # the means are unbiased: sample means of the draws
+    corrected = np.mean(np.array(devs) - np.array(jack), axis=0)
+    assert np.all(np.abs(corrected[omegas]) < 0.5 * dev[omegas])
+
+
+def test_fit_with_enough_draws_adds_draws_until_the_target(lg_large: LinearGaussian) -> None:
+    """Starting from 16 draws (Monte-Carlo error comparable to the statistical SE) the fit asks for fresh draws
+    until every estimate's Monte-Carlo error is below the target; the estimate moves towards the exact MLE."""
+    from amortized_nlme.fit import fit_with_enough_draws
+
+    n = lg_large.ybar.shape[0]
+
+    def exact_draws(m: int, seed: int) -> DrawSet:
+        eps = np.random.default_rng(seed).standard_normal((n, m, K))
+        return DrawSet(lg_large.post_mean[:, None, :] + np.sqrt(lg_large.post_var) * eps, lg_large.prior)
+
+    asked: list[tuple[int, int]] = []
+
+    def more(m: int, round_: int) -> DrawSet:
+        asked.append((m, round_))
+        return exact_draws(m, 1000 + round_)
+
+    pop = PopulationModel(lg_large.prior)
+    first = exact_draws(16, 7)
+    fr, final, mce, rounds = fit_with_enough_draws(pop, first, more, n_starts=3, seed=1, target=0.3, max_draws=4000)
+    exact = lg_large.exact_mle_diag()
+    assert rounds[0].n_draws == 16 and rounds[0].max_ratio > 0.3
+    assert asked and asked[0][1] == 1 and [r for _, r in asked] == list(range(1, len(asked) + 1))
+    assert final.M == 16 + sum(m for m, _ in asked) == rounds[-1].n_draws
+    assert rounds[-1].max_ratio <= 0.3 or final.M >= 4000
+    np.testing.assert_array_equal(final.draws[:, :16], first.draws)  # extended, not replaced
+    assert fr.pilot is not None and fr.pilot.n_draws == 16 and fr.pilot.n_starts == 3
+    pilot_err = np.abs(fr.pilot.result.optimize_result.list[0].x - exact)
+    assert np.max(np.abs(fr.estimate - exact) / fr.se) < np.max(pilot_err / fr.se)
+    assert np.all(np.abs(fr.estimate - exact) < 4 * mce.rms + 0.5 * fr.se)
+    # with enough draws from the start nothing is added and there is no pilot
+    fr2, ds2, _, rounds2 = fit_with_enough_draws(pop, exact_draws(1500, 9), more, n_starts=2, seed=1)
+    assert len(rounds2) == 1 and ds2.M == 1500 and fr2.pilot is None and rounds2[0].max_ratio <= 0.3

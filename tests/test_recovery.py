@@ -58,3 +58,46 @@ def test_population_recovered_with_shipped_pk_estimator(tmp_path: Path, likeliho
         assert abs(est.loc["beta_sigma_add", "estimate"] - np.log(TRUTH["sigma_add"])) < tol
     for p in ("ka", "V"):  # omega_ke is weakly identified from 10 samples per subject at n = 120
         assert abs(est.loc[f"log_omega_{p}", "estimate"] - np.log(OMEGA[p])) < 0.35, p
+
+
+def test_draws_adapted_to_the_monte_carlo_target(tmp_path: Path) -> None:
+    """Without --draws the fit adds fresh, cached posterior draws while the Monte-Carlo error is above the target
+    (here an unreachable one, so it stops at the cap and says so); a rerun reads every batch from the cache and
+    gives the same estimates."""
+    csv = tmp_path / "study.csv"
+    simulated_study(csv, n=40, seed=5)
+
+    def run(out: str) -> tuple[pd.DataFrame, dict]:
+        res = run_inference(InferenceOptions(model="pk_oral_1cmt", data=str(csv), estimator=str(ESTIMATOR),
+                                             out=str(tmp_path / out), n_starts=3, profiles=False, mc_refits=4,
+                                             mc_target=1e-4, max_draws=450, marginal="off", likelihood="amortized",
+                                             cache_dir=str(tmp_path / "cache")))
+        return pd.read_csv(res / "estimates.csv").set_index("name"), json.loads((res / "summary.json").read_text())
+
+    est, summary = run("first")
+    mc = summary["monte_carlo"]
+    assert mc["draws"] == "adapted" and mc["n_draws_start"] == 200 and mc["n_draws_final"] == 450
+    assert [r["n_draws"] for r in mc["rounds"]] == [200, 450]
+    assert summary["n_draws_per_individual"] == 450 == summary["inputs"]["n_draws"]
+    assert len(list((tmp_path / "cache").glob("*.h5"))) == 2  # the first draws and one extension
+    assert summary["multistart"]["pilot"]["n_draws"] == 200 and summary["multistart"]["pilot"]["n_starts"] == 3
+    assert est["mc_se"].notna().all() and est["mc_bias"].notna().all()
+    ratio = np.hypot(est["mc_se"], est["mc_bias"]) / est["se"]
+    assert abs(ratio.max() - mc["max_mc_over_se"]) < 1e-9
+    again, _ = run("second")
+    np.testing.assert_allclose(again["estimate"], est["estimate"], rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--draws", "1"], "--draws must be at least 2"),
+    (["--mc-refits", "1"], "--mc-refits must be 0"),
+    (["--draws", "6", "--mc-refits", "4"], "cannot be split into 4 subsets"),
+    (["--mc-target", "0"], "--mc-target must be a positive"),
+    (["--starts", "0"], "--starts must be at least 1"),
+])
+def test_bad_inference_options_are_refused(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    from amortized_nlme.cli import main
+
+    data = REPO / "amortized_nlme" / "example_data" / "theo_saemix.csv"
+    assert main(["infer", "pk_oral_1cmt", "--data", str(data), *args]) == 2
+    assert message in capsys.readouterr().err
