@@ -459,6 +459,7 @@ class _CompiledFlow:
         self._summary_vars = list(self.summary_network.variables)
         self._flow_vars = list(self.flow.variables)
         self._compiled: dict[tuple, Callable] = {}
+        self.summary_dims: dict[tuple[int, ...], int | None] = {}
 
     @staticmethod
     def unsupported_reason(approximator) -> str | None:
@@ -517,22 +518,28 @@ class _CompiledFlow:
         """Apply function ``name`` to ``arrays`` (same number of rows) in zero-padded calls of ``rows`` rows."""
         n = arrays[0].shape[0]
         n_calls = -(-n // rows)
-        padded = []
-        for a in arrays:
-            a = np.asarray(a, dtype=np.float32)
-            if n_calls * rows != n:
-                a = np.concatenate([a, np.zeros((n_calls * rows - n, *a.shape[1:]), np.float32)])
-            padded.append(a)
-        fn = self._function(name, tuple((rows, *a.shape[1:]) for a in padded))
+        arrays = tuple(np.asarray(a, dtype=np.float32) for a in arrays)
+        fn = self._function(name, tuple((rows, *a.shape[1:]) for a in arrays))
         values = self._values(name)
+
+        def chunk(a: np.ndarray, i: int) -> np.ndarray:  # only the last call is zero-padded (no copy of the rest)
+            part = a[i * rows:(i + 1) * rows]
+            if part.shape[0] < rows:
+                part = np.concatenate([part, np.zeros((rows - part.shape[0], *a.shape[1:]), np.float32)])
+            return part
+
         # dispatch is asynchronous: queue every call, then collect the results
-        results = [fn(values, *(a[i * rows:(i + 1) * rows] for a in padded)) for i in range(n_calls)]
-        out = []
+        results = [fn(values, *(chunk(a, i) for a in arrays)) for i in range(n_calls)]
+        out = None
         for i, r in enumerate(results):
-            out.append(np.asarray(r))
+            r = np.asarray(r)
+            if out is None:
+                out = np.empty((n, *r.shape[1:]), dtype=r.dtype)
+            m = min(rows, n - i * rows)
+            out[i * rows:i * rows + m] = r[:m]
             if progress is not None:
-                progress(min(rows, n - i * rows))
-        return np.concatenate(out)[:n]
+                progress(m)
+        return out if out is not None else np.empty((0,), np.float32)
 
     def summarize(self, summary_variables: np.ndarray) -> np.ndarray:
         return self._run("summary", _SUMMARY_ROWS, summary_variables)
@@ -739,11 +746,15 @@ class TrainedEstimator:
 
     @staticmethod
     def _summary_dim(flow: _CompiledFlow, encoded: np.ndarray) -> int | None:
-        """Width of the summaries (the flow's conditions), None where the summary network cannot say it."""
-        try:
-            return int(flow.summary_network.compute_output_shape((None, *encoded.shape[1:]))[-1])
-        except Exception:  # noqa: BLE001 - only used to compile ahead; the functions then compile on first use
-            return None
+        """Width of the summaries (the flow's conditions), None where the summary network cannot say it; asked once
+        per input shape (Keras traces the network to answer, ~0.3 s)."""
+        shape = tuple(encoded.shape[1:])
+        if shape not in flow.summary_dims:
+            try:
+                flow.summary_dims[shape] = int(flow.summary_network.compute_output_shape((None, *shape))[-1])
+            except Exception:  # noqa: BLE001 - only used to compile ahead; the functions then compile on first use
+                flow.summary_dims[shape] = None
+        return flow.summary_dims[shape]
 
     def _noise_seed(self, seed: int | None) -> int:
         """A non-negative integer seed; without one, the next seed of the approximator's own generator (as
