@@ -381,3 +381,46 @@ class PopulationObjective:
             )
         logger.info("objective %.3f, Monte-Carlo SE %.3f, median ESS %.1f", diag.value, diag.mc_se, np.median(ess))
         return diag
+
+    def weights(self, theta: np.ndarray, rows: slice | None = None) -> np.ndarray:
+        """Self-normalised importance weights a_ij at ``theta`` for individuals ``rows`` (default all), ``[n, M]``:
+        a_ij ∝ N(phi_ij; mu_i(theta), Sigma(theta)) / p(phi_ij) (or the exact-likelihood weights of the draw set),
+        i.e. the draws reweighted from the estimator's training prior to the fitted population model."""
+        theta = np.asarray(theta, dtype=np.float64)
+        rows = slice(None) if rows is None else rows
+        mu = self.design.mean(theta)[rows]
+        A = whiten_inverse(self.model.cholesky(theta))
+        z = np.einsum("kl,nml->nmk", A, self.draws.draws[rows] - mu[:, None, :])
+        logw = -0.5 * np.sum(z * z, axis=-1) - self.draws.log_prior[rows]
+        logw -= logw.max(axis=1, keepdims=True)
+        w = np.exp(logw)
+        return w / w.sum(axis=1, keepdims=True)
+
+    def conditional_moments(self, theta: np.ndarray, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and sd ``[n, k]`` of each individual's log-parameters given its data under the population model at
+        ``theta`` (the empirical Bayes estimates of NONMEM/Monolix: conditional means), by importance weighting the
+        draws; computed in blocks of individuals."""
+        n, k = self.draws.n, self.draws.k
+        mean, sd = np.empty((n, k)), np.empty((n, k))
+        for a in range(0, n, block):
+            b = min(n, a + block)
+            w = self.weights(theta, slice(a, b))
+            phi = self.draws.draws[a:b]
+            m = np.einsum("nm,nmk->nk", w, phi)
+            mean[a:b] = m
+            sd[a:b] = np.sqrt(np.maximum(np.einsum("nm,nmk->nk", w, (phi - m[:, None, :]) ** 2), 0.0))
+        return mean, sd
+
+    def shrinkage(self, theta: np.ndarray, conditional_mean: np.ndarray | None = None) -> dict[str, float]:
+        """Eta shrinkage of every parameter with a random effect, 1 - sd_i(E[eta_i | y_i]) / omega with
+        eta_i = phi_i - mu_i(theta) (as NONMEM and Monolix report it): near 0 when the data identify each
+        individual's value, near 1 when the individual estimates collapse onto the population mean."""
+        theta = np.asarray(theta, dtype=np.float64)
+        if conditional_mean is None:
+            conditional_mean, _ = self.conditional_moments(theta)
+        eta = conditional_mean - self.design.mean(theta)
+        L = self.model.cholesky(theta)
+        omega = np.sqrt(np.sum(L * L, axis=1))  # sqrt(diag(L L^T)), the sd of each parameter's random effect
+        names = self.model.param_names_individual
+        return {p: float(1.0 - np.std(eta[:, i], ddof=1) / omega[i]) for i, p in enumerate(names)
+                if p in self.model.random_effects}

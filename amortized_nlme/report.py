@@ -210,9 +210,13 @@ def build_summary(fit: FitResult, inputs: Mapping[str, Any], extra: Mapping[str,
 
 def individual_frame(model: IndividualModel, draws: np.ndarray, ids: Sequence[str],
                      covariates: Mapping[str, np.ndarray] | None, groups: np.ndarray | None,
-                     ess: np.ndarray | None = None) -> pd.DataFrame:
-    """Per individual: id, group, covariates, ESS at the estimate, and the posterior median and 90% interval of each
-    log-parameter (columns ``log_<p>_median``, ``log_<p>_q05``, ``log_<p>_q95``)."""
+                     ess: np.ndarray | None = None,
+                     conditional: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
+    """Per individual: id, group, covariates, ESS at the estimate; the mean and sd of each log-parameter given the
+    individual's data under the *fitted population model* (``log_<p>_cond_mean``, ``log_<p>_cond_sd``: Monolix's
+    conditional mean, the individual estimate for predictions and diagnostics), when ``conditional`` is given; and
+    the estimator's posterior under its broad training prior, median and 90% interval (``log_<p>_median``,
+    ``log_<p>_q05``, ``log_<p>_q95``), which depends on the data alone."""
     cols: dict[str, Any] = {"id": [str(i) for i in ids]}
     if groups is not None:
         cols["group"] = np.asarray(groups).astype(str)
@@ -220,6 +224,10 @@ def individual_frame(model: IndividualModel, draws: np.ndarray, ids: Sequence[st
         cols[name] = np.asarray(values).reshape(-1)
     if ess is not None:
         cols["ess"] = np.asarray(ess, dtype=np.float64)
+    if conditional is not None:
+        for p, name in enumerate(model.param_names):
+            cols[f"log_{name}_cond_mean"] = conditional[0][:, p]
+            cols[f"log_{name}_cond_sd"] = conditional[1][:, p]
     q05, med, q95 = np.quantile(draws, [0.05, 0.5, 0.95], axis=1)
     for p, name in enumerate(model.param_names):
         cols[f"log_{name}_median"] = med[:, p]
@@ -366,6 +374,10 @@ def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
     return int(math.ceil(n / cols)), cols
 
 
+def _optima(n: int) -> str:
+    return "1 distinct optimum" if n == 1 else f"{n} distinct optima"
+
+
 def plot_waterfall(fit: FitResult, path: Path) -> None:
     """pyPESTO waterfall plot of the multistart final objective values."""
     plt = _pyplot()
@@ -378,7 +390,7 @@ def plot_waterfall(fit: FitResult, path: Path) -> None:
         p = fit.pilot
         ax = pypesto.visualize.waterfall(p.result, size=(8, 5))
         ax.set_title(f"Multistart on the first {p.n_draws} draws: {p.n_converged} of {p.n_starts} starts converged "
-                     f"to the best objective;\nits {fit.n_starts} distinct optima refitted on "
+                     f"to the best objective;\nits {_optima(fit.n_starts)} refitted on "
                      f"{fit.objective.draws.M} draws", fontsize=10)
     fig = ax.get_figure()
     _tight(fig)
@@ -623,7 +635,7 @@ def render_report(fit: FitResult, summary: Mapping[str, Any], plots: Sequence[st
         (f"- multistart: {fit.n_converged} of {fit.n_starts} starts converged to the best objective; "
          f"fit time {fit.time_s:.1f} s" if fit.pilot is None else
          f"- multistart on the first {fit.pilot.n_draws} draws: {fit.pilot.n_converged} of {fit.pilot.n_starts} "
-         f"starts converged to the best objective; its {fit.n_starts} distinct optima refitted on all draws "
+         f"starts converged to the best objective; its {_optima(fit.n_starts)} refitted on all draws "
          f"({fit.n_converged} reached the best); last fit {fit.time_s:.1f} s"),
         f"- importance sampling: median ESS {ess['ess_median']:.1f}, minimum {ess['ess_min']:.1f}, "
         f"{ess['n_low_ess']} individuals below {ess['ess_threshold']:.0f}",
@@ -640,6 +652,10 @@ def render_report(fit: FitResult, summary: Mapping[str, Any], plots: Sequence[st
     for key in ("data_hash", "estimator_sha256", "seed"):
         if key in inputs:
             lines.append(f"- {key}: `{inputs[key]}`")
+    shrink = (summary.get("shrinkage") or {}).get("eta_shrinkage")
+    if shrink:
+        lines.append("- eta shrinkage (conditional means): " + ", ".join(f"{p} {100 * v:.0f}%" for p, v in
+                                                                           shrink.items()))
     if summary.get("at_bound"):
         lines.append(f"- **warning**: estimates at a bound: {', '.join(summary['at_bound'])}")
     if "model_selection" in summary:
@@ -725,7 +741,9 @@ def write_results(
     rng = np.random.default_rng(seed)
     with _atomic_directory(out_dir) as tmp:
         estimates_frame(fit).to_csv(tmp / ESTIMATES_FILE, index=False)
-        individual_frame(model, draws, ids, covariates, groups, fit.diagnostics.ess).to_csv(
+        conditional = fit.objective.conditional_moments(fit.estimate)
+        shrinkage = fit.objective.shrinkage(fit.estimate, conditional[0])
+        individual_frame(model, draws, ids, covariates, groups, fit.diagnostics.ess, conditional).to_csv(
             tmp / INDIVIDUAL_FILE, index=False)
         pypesto.store.write_result(fit.result, tmp / PYPESTO_FILE, overwrite=True, problem=True, optimize=True,
                                    profile=bool(fit.result.profile_result.list))
@@ -748,6 +766,11 @@ def write_results(
             plot_parameter_distributions(fit, draws, covariates, groups, tmp / "parameter_distributions.png", rng)
             written.append("parameter_distributions.png")
         summary = build_summary(fit, inputs, extra, ids, report_s=time.perf_counter() - t0)
+        summary["shrinkage"] = {"eta_shrinkage": shrinkage,
+                                "note": "1 - sd over individuals of E[eta_i | y_i] / omega, eta_i = phi_i - mu_i, "
+                                        "conditional means under the fitted population model (NONMEM/Monolix "
+                                        "convention; above ~0.3 individual estimates are pulled to the population "
+                                        "mean and diagnostics based on them mislead)"}
         summary["plots"] = written
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, allow_nan=False))
         (tmp / REPORT_FILE).write_text(render_report(fit, summary, written))

@@ -403,3 +403,28 @@ def test_fit_with_enough_draws_adds_draws_until_the_target(lg_large: LinearGauss
     # with enough draws from the start nothing is added and there is no pilot
     fr2, ds2, _, rounds2 = fit_with_enough_draws(pop, exact_draws(1500, 9), more, n_starts=2, seed=1)
     assert len(rounds2) == 1 and ds2.M == 1500 and fr2.pilot is None and rounds2[0].max_ratio <= 0.3
+
+
+def test_conditional_moments_and_shrinkage_match_the_exact_posterior(lg: LinearGaussian) -> None:
+    """Under phi_i ~ N(beta, omega^2) and ybar_i | phi_i ~ N(phi_i, e2) the conditional law of phi_i is Gaussian with
+    variance v = 1 / (1/omega^2 + 1/e2) and mean v (beta/omega^2 + ybar_i/e2): the reweighted draws reproduce it, and
+    eta shrinkage is exactly 1 - (v / e2) sd(ybar) / omega."""
+    ds = lg.draws(11, 4000)
+    pop = PopulationModel(lg.prior)
+    theta = np.r_[0.4, -0.9, np.log(0.45), np.log(0.55)]
+    beta, omega = theta[:K], np.exp(theta[K:])
+    obj = PopulationObjective(pop, ds)
+    mean, sd = obj.conditional_moments(theta, block=64)
+    v = 1.0 / (1.0 / omega**2 + 1.0 / E2)
+    exact_mean = v * (beta / omega**2 + lg.ybar / E2)
+    w = obj.weights(theta)
+    np.testing.assert_allclose(w.sum(axis=1), 1.0)
+    tol = 5 * np.sqrt(v) / np.sqrt(1.0 / np.sum(w * w, axis=1))[:, None]  # 5 MC SEs from each individual's ESS
+    assert np.all(np.abs(mean - exact_mean) < tol)
+    np.testing.assert_allclose(np.median(sd, axis=0), np.sqrt(v), rtol=0.03)
+    shrink = obj.shrinkage(theta, mean)
+    exact_shrink = 1.0 - (v / E2) * np.std(lg.ybar, axis=0, ddof=1) / omega
+    np.testing.assert_allclose([shrink["a"], shrink["b"]], exact_shrink, atol=0.01)
+    assert obj.shrinkage(theta) == pytest.approx(shrink, abs=1e-9)
+    # a parameter without random effect has no shrinkage
+    assert set(PopulationObjective(PopulationModel(lg.prior, random_effects=["a"]), ds).shrinkage(theta[:3])) == {"a"}

@@ -130,6 +130,15 @@ def test_individual_estimates(written, problem) -> None:
     np.testing.assert_allclose(df["wt"], problem["covariates"]["wt"])
     np.testing.assert_allclose(df["log_kms_median"], np.median(problem["draws"][:, :, 2], axis=1))
     assert np.all(df["log_t0_q05"] <= df["log_t0_median"]) and np.all(df["log_t0_median"] <= df["log_t0_q95"])
+    fr = problem["fit"]
+    mean, sd = fr.objective.conditional_moments(fr.estimate)
+    np.testing.assert_allclose(df["log_kms_cond_mean"], mean[:, 2])
+    np.testing.assert_allclose(df["log_kms_cond_sd"], sd[:, 2])
+    summary = json.loads((written / report.SUMMARY_FILE).read_text())
+    shrink = summary["shrinkage"]["eta_shrinkage"]
+    assert set(shrink) == set(fr.model.random_effects)
+    assert shrink == pytest.approx(fr.objective.shrinkage(fr.estimate))
+    assert "eta shrinkage" in (written / report.REPORT_FILE).read_text()
 
 
 def test_pypesto_result_readable(written, problem) -> None:
