@@ -104,8 +104,8 @@ def read_data(path: str, workflow: WorkflowConfig) -> Dataset:
 
 def default_n_draws(n_individuals: int) -> int:
     """Posterior draws per individual to start with: Monte-Carlo bias of the summed log-likelihood grows like n / M,
-    so M grows with the number of individuals (200 for small studies, 1000 from 10,000 individuals on); with
-    ``--draws auto`` the fit then adds draws until the Monte-Carlo error is small (:func:`draws_cap` bounds it)."""
+    so M grows with the number of individuals (200 for small studies, 1000 from 10,000 individuals on); without
+    ``--draws`` the fit then adds draws until the Monte-Carlo error is small (:func:`draws_cap` bounds it)."""
     return int(np.clip(round(n_individuals / 10, -1), 200, 1000))
 
 
@@ -114,7 +114,7 @@ MAX_DRAW_COORDINATES = 240_000_000
 
 
 def draws_cap(n_individuals: int, n_params: int, start: int) -> int:
-    """Most draws per individual that ``--draws auto`` may grow to: 8 times the start, at most 10,000, and within
+    """Most draws per individual that the adapted draws (no ``--draws``) may grow to: 8 times the start, at most 10,000, and within
     :data:`MAX_DRAW_COORDINATES` (never below the start)."""
     by_memory = MAX_DRAW_COORDINATES // max(1, n_individuals * n_params)
     return int(max(start, min(8 * start, 10_000, by_memory)))
@@ -417,7 +417,7 @@ def draws_extender(ctx: InferenceContext):
 
 def fit_population(ctx: InferenceContext, profile: bool | list[int]):
     """The fit of ``run_inference``: multistart with Wald SEs; with ``mc_refits`` >= 2 the Monte-Carlo error of the
-    estimates, and (``--draws auto``) more draws until it is below ``mc_target`` x the statistical SE; then the
+    estimates, and (without ``--draws``) more draws until it is below ``mc_target`` x the statistical SE; then the
     profiles on the final draws. Returns the fit and the Monte-Carlo section of ``summary.json``."""
     from amortized_nlme.fit import fit, fit_with_enough_draws, profile_intervals
 
