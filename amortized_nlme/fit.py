@@ -457,9 +457,9 @@ def fit_with_enough_draws(
     """Multistart fit with Wald SEs and the Monte-Carlo error of the estimates; while that error (RMS of Monte-Carlo
     SE and jackknife bias) exceeds ``target`` times the statistical SE of some parameter, more draws are fetched
     from ``more_draws(m, round)`` (m fresh draws per individual, same weights) and the fit is repeated from the
-    previous fit's end points, up to ``max_draws`` per individual and ``max_rounds`` extensions. ``more_draws=None``
-    fits once and only measures the error. A refit starts from the previous fit's distinct optima
-    (:func:`distinct_end_points`). Returns the last fit, its draws, its error and every round's numbers."""
+    previous fit's distinct optima (:func:`distinct_end_points`), up to ``max_draws`` per individual and
+    ``max_rounds`` extensions. ``more_draws=None`` fits once and only measures the error. Returns the last fit, its
+    draws, its error and every round's numbers."""
     if n_sets < 2:
         raise ValueError("the Monte-Carlo error needs at least 2 disjoint draw subsets")
     rounds: list[DrawsRound] = []
