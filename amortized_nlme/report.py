@@ -553,9 +553,12 @@ def plot_vpc(panels: list[VPCPanel], model: IndividualModel, path: Path, n_repli
 
 
 def plot_parameter_distributions(fit: FitResult, draws: np.ndarray, covariates: Mapping[str, np.ndarray] | None,
-                                 groups: np.ndarray | None, path: Path, rng: np.random.Generator) -> None:
-    """Histogram of the individual posterior medians of each log-parameter against the fitted population density
-    (a mixture of normals over the individuals' covariates and groups)."""
+                                 groups: np.ndarray | None, path: Path, rng: np.random.Generator,
+                                 conditional_mean: np.ndarray | None = None,
+                                 shrinkage: Mapping[str, float] | None = None) -> None:
+    """Histogram of the individual posterior medians of each log-parameter (and, when given, of the conditional means
+    under the fitted population, with the eta shrinkage in the title) against the fitted population density (a
+    mixture of normals over the individuals' covariates and groups)."""
     plt = _pyplot()
     pop = fit.model
     n = draws.shape[0]
@@ -575,9 +578,15 @@ def plot_parameter_distributions(fit: FitResult, draws: np.ndarray, covariates: 
         x = np.linspace(lo, hi, 300)
         z = (x[None, :] - mu[:, p, None]) / sd[p]
         dens = np.mean(np.exp(-0.5 * z * z), axis=0) / (sd[p] * math.sqrt(2 * math.pi))
-        h, _, _ = ax.hist(med[:, p], bins=min(50, max(10, n // 10)), density=True, color="tab:gray", alpha=0.6,
+        bins = np.linspace(lo, hi, min(50, max(10, n // 10)) + 1)
+        h, _, _ = ax.hist(med[:, p], bins=bins, density=True, color="tab:gray", alpha=0.6,
                           label="individual posterior medians")
         random = name in pop.random_effects
+        if conditional_mean is not None and random:
+            ax.hist(conditional_mean[:, p], bins=bins, density=True, histtype="step", color="tab:blue", lw=1.2,
+                    label="conditional means (given the population)")
+        if shrinkage and name in shrinkage:
+            ax.set_title(f"eta shrinkage {100 * shrinkage[name]:.0f}%", fontsize=9)
         ax.plot(x, dens, color="tab:red", lw=1.8,
                 label="fitted population" if random else f"fitted population (no random effect, kernel sd {sd[p]:.2g})")
         if not random:
@@ -763,7 +772,8 @@ def write_results(
                                              seed=int(rng.integers(2**31)))
             plot_vpc(panels, model, tmp / "vpc.png", N_VPC_REPLICATES, min(n, MAX_VPC_INDIVIDUALS))
             written.append("vpc.png")
-            plot_parameter_distributions(fit, draws, covariates, groups, tmp / "parameter_distributions.png", rng)
+            plot_parameter_distributions(fit, draws, covariates, groups, tmp / "parameter_distributions.png", rng,
+                                         conditional[0], shrinkage)
             written.append("parameter_distributions.png")
         summary = build_summary(fit, inputs, extra, ids, report_s=time.perf_counter() - t0)
         summary["shrinkage"] = {"eta_shrinkage": shrinkage,
