@@ -23,8 +23,8 @@ NOT_YET_CALIBRATED = {
                      "intervals cover 94%) and most parameters barely contract; needs GPU-scale training",
     "mrna_sde": "first estimator, 40 min of CPU training (6.1 M simulations): the rank ECDF of offset leaves the 95% "
                 "band by 0.003, the other seven are inside; the kinetic parameters contract little (0.24-0.43)",
-    "mrna_simple": "version 2 after 15.4 M simulations (72 min CPU): the rank ECDF of kms leaves the 95% band by "
-                   "0.018 (slightly over-dispersed, 50% intervals cover 55%); the other five are inside",
+    "mrna_simple": "version 2, two CPU phases, 25.6 M simulations: the rank ECDF of kms leaves the 95% band by "
+                   "0.012 (slightly over-dispersed, 50% intervals cover 54%); the other five are inside",
 }
 
 
