@@ -486,8 +486,11 @@ def fit_with_enough_draws(
             break
         if len(rounds) > max_rounds or draws.M >= max_draws:
             logger.warning("Monte-Carlo error still %.2f x the statistical SE of %s with %d draws per individual "
-                           "(limit %d); the estimator is a poor proposal there", rounds[-1].max_ratio,
-                           rounds[-1].worst_parameter, draws.M, max_draws)
+                           "(limit %d, median ESS %.1f): the draws are a poor importance sample for this population "
+                           "model (a parameter without random effect that the individuals' data place differently, "
+                           "or an estimator far from the posterior); treat the estimates with caution",
+                           rounds[-1].max_ratio, rounds[-1].worst_parameter, draws.M, max_draws,
+                           float(np.median(fr.diagnostics.ess)))
             break
         # 25 % beyond the predicted need (the error estimates are themselves noisy), at least doubling
         factor = max(2.0, 1.25 * mce.draws_factor(fr.se, target))

@@ -597,7 +597,9 @@ def plot_parameter_distributions(fit: FitResult, draws: np.ndarray, covariates: 
             ax.legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[k:]:
         ax.axis("off")
-    fig.suptitle("Individual parameters: posterior medians (include estimation noise) vs fitted population")
+    fig.suptitle("Individual parameters against the fitted population: posterior medians (data alone, with estimation "
+                 "noise)" + (" and conditional means (given the population)" if conditional_mean is not None else ""),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
