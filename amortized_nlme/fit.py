@@ -433,10 +433,12 @@ class DrawsRound:
     worst_parameter: str
     fit_s: float
     mc_s: float
+    extend_s: float = 0.0  # fetching the next round's extra draws and joining them to these
 
     def summary(self) -> dict[str, Any]:
         return {"n_draws": self.n_draws, "objective": self.fval, "max_mc_over_se": self.max_ratio,
-                "worst_parameter": self.worst_parameter, "fit_s": round(self.fit_s, 2), "mc_s": round(self.mc_s, 2)}
+                "worst_parameter": self.worst_parameter, "fit_s": round(self.fit_s, 2), "mc_s": round(self.mc_s, 2),
+                "extend_s": round(self.extend_s, 2)}
 
 
 def fit_with_enough_draws(
@@ -497,7 +499,9 @@ def fit_with_enough_draws(
         target_m = int(min(max_draws, math.ceil(draws.M * factor / 50.0) * 50))
         logger.info("drawing %d more posterior draws per individual (%d -> %d)", target_m - draws.M, draws.M,
                     target_m)
+        t2 = time.perf_counter()
         draws = DrawSet.concatenate([draws, more_draws(target_m - draws.M, len(rounds))])
+        rounds[-1].extend_s = time.perf_counter() - t2
         starts = distinct_end_points(fr) or [fr.estimate]
         if pilot is None:
             pilot = Pilot(n_draws=fr.objective.draws.M, n_starts=fr.n_starts, n_converged=fr.n_converged,

@@ -45,7 +45,10 @@ class DrawSet:
     float64; the objective is an exact function of the rounded draws, so gradients stay consistent). ~30 % faster.
     """
 
-    def __init__(self, draws: np.ndarray, prior: NormalPrior, ids: Sequence[Any] | None = None) -> None:
+    def __init__(self, draws: np.ndarray, prior: NormalPrior, ids: Sequence[Any] | None = None,
+                 log_prior: np.ndarray | None = None, kind: str = "amortized") -> None:
+        """``log_prior`` and ``kind`` carry over the weights of draws that already have them (subsets, extensions);
+        by default the prior density is evaluated here and the weights are 1 / p(phi)."""
         draws = np.asarray(draws, dtype=np.float64)
         if draws.ndim != 3 or draws.shape[2] != prior.dim:
             raise ValueError(f"draws must have shape [n, M, {prior.dim}], got {draws.shape}")
@@ -58,21 +61,22 @@ class DrawSet:
         self.ids = list(ids) if ids is not None else list(range(draws.shape[0]))
         if len(self.ids) != draws.shape[0]:
             raise ValueError(f"{len(self.ids)} ids for {draws.shape[0]} individuals")
-        self.log_prior = np.ascontiguousarray(prior.log_prob(draws))
+        if log_prior is None:
+            log_prior = prior.log_prob(draws)
+        elif np.shape(log_prior) != draws.shape[:2]:
+            raise ValueError(f"log_prior must have shape {draws.shape[:2]}, got {np.shape(log_prior)}")
+        self.log_prior = np.ascontiguousarray(log_prior, dtype=np.float64)
         self.phi_t = np.ascontiguousarray(np.swapaxes(draws, 1, 2), dtype=np.float32)
         #: how many times the prior density was evaluated on these draws (once, by construction)
         self.n_prior_evaluations = 1
         #: "amortized": weights 1 / p(phi) (J = -log p(D | theta) + const); "likelihood": see with_likelihood
-        self.kind = "amortized"
+        self.kind = kind
         logger.debug("draw set: %d individuals x %d draws x %d parameters", *draws.shape)
 
     def take_draws(self, index: slice | np.ndarray) -> "DrawSet":
         """The same individuals with a subset of their draws and the same kind of weights (disjoint subsets are
         independent draw sets, e.g. for the Monte-Carlo error of the estimates)."""
-        ds = DrawSet(self.draws[:, index], self.prior, self.ids)
-        ds.log_prior = np.ascontiguousarray(self.log_prior[:, index])
-        ds.kind = self.kind
-        return ds
+        return DrawSet(self.draws[:, index], self.prior, self.ids, self.log_prior[:, index], self.kind)
 
     @classmethod
     def concatenate(cls, parts: Sequence["DrawSet"]) -> "DrawSet":
@@ -84,10 +88,8 @@ class DrawSet:
         for p in parts[1:]:
             if p.n != first.n or p.k != first.k or p.kind != first.kind or p.ids != first.ids:
                 raise ValueError("draw sets to concatenate must have the same individuals, parameters and weights")
-        ds = cls(np.concatenate([p.draws for p in parts], axis=1), first.prior, first.ids)
-        ds.log_prior = np.ascontiguousarray(np.concatenate([p.log_prior for p in parts], axis=1))
-        ds.kind = first.kind
-        return ds
+        return cls(np.concatenate([p.draws for p in parts], axis=1), first.prior, first.ids,
+                   np.concatenate([p.log_prior for p in parts], axis=1), first.kind)
 
     @classmethod
     def with_likelihood(cls, draws: np.ndarray, prior: NormalPrior, log_q: np.ndarray, log_lik: np.ndarray,
@@ -95,13 +97,11 @@ class DrawSet:
         """Draws from q(phi | y_i) weighted by the exact individual likelihood, p(y_i | phi) / q(phi | y_i), instead
         of 1 / p(phi): the objective then is an importance-sampling estimate of -log p(D | theta) itself, with the
         estimator only as proposal, so an imperfect q costs Monte-Carlo variance but no bias."""
-        ds = cls(draws, prior, ids)
+        shape = np.shape(draws)[:2]
         denominator = np.asarray(log_q, dtype=np.float64) - np.asarray(log_lik, dtype=np.float64)
-        if denominator.shape != ds.log_prior.shape:
-            raise ValueError(f"log_q and log_lik must have shape {ds.log_prior.shape}, got {denominator.shape}")
-        ds.log_prior = np.ascontiguousarray(np.where(np.isfinite(denominator), denominator, np.inf))
-        ds.kind = "likelihood"
-        return ds
+        if denominator.shape != shape:
+            raise ValueError(f"log_q and log_lik must have shape {shape}, got {denominator.shape}")
+        return cls(draws, prior, ids, np.where(np.isfinite(denominator), denominator, np.inf), "likelihood")
 
     @property
     def n(self) -> int:
