@@ -479,9 +479,10 @@ def fit_with_enough_draws(
         t1 = time.perf_counter()
         mce = monte_carlo_error(fr, draws, n_sets)
         ratio = mce.ratio(fr.se)
-        worst = int(np.nanargmax(ratio)) if np.isfinite(ratio).any() else 0
-        rounds.append(DrawsRound(draws.M, fr.fval, float(np.nanmax(ratio)) if np.isfinite(ratio).any() else
-                                 float("nan"), fr.parameter_names[worst], t1 - t0, time.perf_counter() - t1))
+        defined = np.isfinite(ratio).any()
+        worst = int(np.nanargmax(ratio)) if defined else 0
+        rounds.append(DrawsRound(draws.M, fr.fval, float(ratio[worst]) if defined else float("nan"),
+                                 fr.parameter_names[worst], t1 - t0, time.perf_counter() - t1))
         logger.info("%d draws per individual: Monte-Carlo error up to %.2f x the statistical SE (%s)", draws.M,
                     rounds[-1].max_ratio, rounds[-1].worst_parameter)
         if more_draws is None or not rounds[-1].max_ratio > target:

@@ -392,12 +392,6 @@ def weighted_drawset(likelihood: str, estimator: TrainedEstimator, model: Indivi
     return exact, "exact"
 
 
-def split_drawset(ctx: InferenceContext, n_sets: int) -> list[DrawSet]:
-    """Disjoint subsets of the draws (every n_sets-th draw): independent draw sets for the Monte-Carlo error of the
-    estimates without sampling again."""
-    return [ctx.drawset.take_draws(slice(r, None, n_sets)) for r in range(n_sets)]
-
-
 def draws_extender(ctx: InferenceContext):
     """``more(m, round)``: m fresh posterior draws per individual (own seed per round, cached like the first ones)
     with the context's kind of weights; appends them to ``ctx.draws`` and counts their time."""
@@ -438,7 +432,7 @@ def fit_population(ctx: InferenceContext, profile: bool | list[int]):
     ctx.timings["fit_s"] = sum(r.fit_s for r in rounds)
     ctx.timings["mc_refits_s"] = sum(r.mc_s for r in rounds)
     ratio = mce.ratio(fr.se)
-    worst = float(np.nanmax(ratio)) if np.isfinite(ratio).any() else None
+    worst = rounds[-1].max_ratio if np.isfinite(rounds[-1].max_ratio) else None
     if not adaptive and worst is not None and worst > opts.mc_target:
         logger.warning("Monte-Carlo error is %.2f x the statistical SE of %s with %d draws: rerun with more --draws "
                        "(or leave --draws out to have them adapted)", worst, rounds[-1].worst_parameter,

@@ -61,14 +61,14 @@ class DrawSet:
         self.ids = list(ids) if ids is not None else list(range(draws.shape[0]))
         if len(self.ids) != draws.shape[0]:
             raise ValueError(f"{len(self.ids)} ids for {draws.shape[0]} individuals")
+        #: how many times the prior density was evaluated on these draws (once when not carried over, never again)
+        self.n_prior_evaluations = int(log_prior is None)
         if log_prior is None:
             log_prior = prior.log_prob(draws)
         elif np.shape(log_prior) != draws.shape[:2]:
             raise ValueError(f"log_prior must have shape {draws.shape[:2]}, got {np.shape(log_prior)}")
         self.log_prior = np.ascontiguousarray(log_prior, dtype=np.float64)
         self.phi_t = np.ascontiguousarray(np.swapaxes(draws, 1, 2), dtype=np.float32)
-        #: how many times the prior density was evaluated on these draws (once, by construction)
-        self.n_prior_evaluations = 1
         #: "amortized": weights 1 / p(phi) (J = -log p(D | theta) + const); "likelihood": see with_likelihood
         self.kind = kind
         logger.debug("draw set: %d individuals x %d draws x %d parameters", *draws.shape)
