@@ -13,6 +13,7 @@ export OPENBLAS_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
 COVARIATES ?=
+CONFIG ?=
 
 .PHONY: setup simulate train check infer select demo test test-all bench bench-peers clean
 
@@ -26,21 +27,21 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 simulate: $(STAMP)
-	$(VENV)/bin/amortized-nlme simulate $(MODEL) $(if $(N),-n $(N))
+	$(VENV)/bin/amortized-nlme simulate $(MODEL) $(if $(N),-n $(N)) $(if $(CONFIG),--config $(CONFIG))
 
 train: $(STAMP)
-	$(VENV)/bin/amortized-nlme train $(MODEL)
+	$(VENV)/bin/amortized-nlme train $(MODEL) $(if $(CONFIG),--config $(CONFIG))
 
 check: $(STAMP)
-	$(VENV)/bin/amortized-nlme check $(MODEL)
+	$(VENV)/bin/amortized-nlme check $(MODEL) $(if $(CONFIG),--config $(CONFIG))
 
 infer: $(STAMP)
-	@test -n "$(DATA)" || { echo "usage: make infer MODEL=<model> DATA=<csv> [POP=<population.toml>]"; exit 2; }
-	$(VENV)/bin/amortized-nlme infer $(MODEL) --data $(DATA) $(if $(POP),--pop $(POP))
+	@test -n "$(DATA)" || { echo "usage: make infer MODEL=<model> DATA=<csv> [POP=<population.toml>] [CONFIG=<workflow.toml>]"; exit 2; }
+	$(VENV)/bin/amortized-nlme infer $(MODEL) --data $(DATA) $(if $(POP),--pop $(POP)) $(if $(CONFIG),--config $(CONFIG))
 
 select: $(STAMP)
 	@test -n "$(DATA)" -a -n "$(COVARIATES)" || { echo "usage: make select MODEL=<model> DATA=<csv> POP=<pop.toml> COVARIATES='lwt sex'"; exit 2; }
-	$(VENV)/bin/amortized-nlme select-covariates $(MODEL) --data $(DATA) $(if $(POP),--pop $(POP)) --covariates $(COVARIATES)
+	$(VENV)/bin/amortized-nlme select-covariates $(MODEL) --data $(DATA) $(if $(POP),--pop $(POP)) --covariates $(COVARIATES) $(if $(CONFIG),--config $(CONFIG))
 
 # the shipped mrna_simple estimator fits the Fröhlich eGFP + d2eGFP single-cell data (two-group population model)
 demo: $(STAMP)

@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from amortized_nlme.errors import ConfigError
+
 EXIT_USAGE = 2
 
 
@@ -28,19 +29,23 @@ def _workflow_and_model(name: str, config: str | None):
     from simulators import get_model
 
     cfg = load_workflow(config or name)
+    if cfg.model != name:
+        raise ConfigError(f"{config}: the workflow is for model {cfg.model!r}, not {name!r}")
     return cfg, get_model(cfg.model, **cfg.model_options)
 
 
 def _default_estimator(name: str) -> Path:
-    return REPO / "trained_models" / name
+    from amortized_nlme.resources import estimator_dir
+
+    return estimator_dir(name)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from amortized_nlme.simulate import simulate_to_store
+    from amortized_nlme.simulation import simulate_to_store
 
     cfg, model = _workflow_and_model(args.model, args.config)
     n = args.n or cfg.simulation.n
-    out = Path(args.out or REPO / "simulations" / f"{args.model}.h5")
+    out = Path(args.out or Path("simulations") / f"{args.model}.h5")
     out.parent.mkdir(parents=True, exist_ok=True)
     simulate_to_store(model, n, out, seed=args.seed if args.seed is not None else cfg.simulation.seed,
                       chunk_size=args.chunk_size or cfg.simulation.chunk_size, workers=args.workers,
@@ -50,13 +55,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from amortized_nlme.estimator import train
+    from amortized_nlme.training import train
 
     cfg, model = _workflow_and_model(args.model, args.config)
     if args.mode:
         cfg.training.mode = args.mode
     out = Path(args.out or _default_estimator(args.model))
-    store = args.store or str(REPO / "simulations" / f"{args.model}.h5")
+    store = args.store or str(Path("simulations") / f"{args.model}.h5")
     finished = train(cfg, model, out, store_path=store, max_minutes=args.max_minutes, verbose=args.keras_verbose)
     if not finished:
         print(f"training paused at the time budget; run the same command again to resume ({out}/checkpoint)",
@@ -67,8 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from amortized_nlme.diagnostics import run_check
-    from amortized_nlme.estimator import load_estimator
+    from amortized_nlme.posterior import load_estimator
+    from amortized_nlme.training import run_check
 
     cfg, model = _workflow_and_model(args.model, args.config)
     est = load_estimator(args.estimator or _default_estimator(args.model), model)
@@ -89,7 +94,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from amortized_nlme.infer import InferenceOptions, run_inference
+    from amortized_nlme.inference import InferenceOptions, run_inference
 
     opts = InferenceOptions(
         model=args.model, data=args.data, population=args.pop, estimator=args.estimator, out=args.out,
@@ -103,15 +108,58 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from amortized_nlme.selection import run_selection_cli
+    from amortized_nlme.inference import InferenceOptions, run_selection
 
-    return run_selection_cli(args)
+    opts = InferenceOptions(model=args.model, data=args.data, population=args.pop, estimator=args.estimator,
+                            out=args.out, config=args.config, n_draws=args.draws, seed=args.seed)
+    print(run_selection(opts, args.covariates, args.parameters, args.strategy))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    print(describe_models())
+    return 0
+
+
+def describe_models() -> str:
+    """A readable list of every registered model: what it is, its parameters, whether it has a likelihood (exact
+    inference) and its shipped estimator with that estimator's training design and check."""
+    from amortized_nlme.posterior import read_meta
+    from amortized_nlme.resources import estimator_dir
+    from simulators import MODELS, get_model
+
+    blocks = []
+    for name in sorted(MODELS):
+        model = get_model(name)
+        doc = (type(model).__doc__ or "").strip().splitlines()[0]
+        lines = [f"{name} (version {model.version}): {doc}",
+                 f"  parameters (log scale): {', '.join(model.param_names)}",
+                 f"  likelihood: {'yes (exact inference)' if model.has_likelihood else 'no (amortized objective only)'}"]
+        design = model.design_description()
+        if design:
+            lines.append(f"  training design: {design}")
+        try:
+            meta = read_meta(estimator_dir(name))
+        except Exception:  # noqa: BLE001 - no shipped estimator, or not readable: say so
+            lines.append("  shipped estimator: none")
+        else:
+            training = meta.get("training", {})
+            diag = meta.get("diagnostics", {})
+            seen = training.get("simulations_seen")
+            check = "not checked" if not diag else ("passed" if diag.get("passed") else "FAILED (flagged)")
+            lines.append(f"  shipped estimator: {estimator_dir(name)} ({seen:,} simulations; calibration check "
+                         f"{check})" if seen else f"  shipped estimator: {estimator_dir(name)} (check {check})")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="amortized-nlme", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the individual models, their parameters and shipped estimators")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("simulate", help="stage 1: simulate prior-predictive data into an HDF5 store")
     p.add_argument("model")

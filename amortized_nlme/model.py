@@ -137,6 +137,15 @@ class IndividualModel(ABC):
         raise NotImplementedError(f"{self.name} does not provide an individual likelihood")
 
     @property
+    def has_likelihood(self) -> bool:
+        """Whether the model has a tractable individual likelihood (then inference can use exact weights)."""
+        return type(self).log_likelihood is not IndividualModel.log_likelihood
+
+    def design_description(self) -> str:
+        """What designs the model's estimator is trained on (shown by ``amortized-nlme models``)."""
+        return ""
+
+    @property
     def n_params(self) -> int:
         return len(self.param_names)
 

@@ -24,9 +24,9 @@ import numpy as np  # noqa: E402
 from mrna_paper import TRUTH  # noqa: E402 - the seed paper's true population values, shared with that benchmark
 from mrna_paper import synthetic_population as paper_population  # noqa: E402
 
-from amortized_nlme.estimator import load_estimator  # noqa: E402
-from amortized_nlme.fit import fit  # noqa: E402
-from amortized_nlme.objective import DrawSet  # noqa: E402
+from amortized_nlme.posterior import load_estimator  # noqa: E402
+from amortized_nlme.population.fit import fit  # noqa: E402
+from amortized_nlme.population.objective import DrawSet  # noqa: E402
 from amortized_nlme.population import PopulationModel  # noqa: E402
 from simulators import get_model  # noqa: E402
 

@@ -27,15 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from amortized_nlme.estimator import load_estimator  # noqa: E402
-from amortized_nlme.fit import fit, fit_with_enough_draws  # noqa: E402
-from amortized_nlme.infer import (  # noqa: E402
-    choose_likelihood,
-    default_n_draws,
-    draws_cap,
-    extension_seed,
-    weighted_drawset,
-)
+from amortized_nlme.posterior import load_estimator  # noqa: E402
+from amortized_nlme.population.fit import fit, fit_with_enough_draws  # noqa: E402
+from amortized_nlme.inference.pipeline import default_n_draws, draws_cap, extension_seed  # noqa: E402
+from amortized_nlme.inference.weights import choose_likelihood, weighted_drawset  # noqa: E402
 from amortized_nlme.population import PopulationModel  # noqa: E402
 from simulators import get_model  # noqa: E402
 

@@ -20,9 +20,9 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from amortized_nlme.fit import fit  # noqa: E402
+from amortized_nlme.population.fit import fit  # noqa: E402
 from amortized_nlme.model import NormalPrior  # noqa: E402
-from amortized_nlme.objective import DrawSet, PopulationObjective  # noqa: E402
+from amortized_nlme.population.objective import DrawSet, PopulationObjective  # noqa: E402
 from amortized_nlme.population import PopulationModel  # noqa: E402
 
 NAMES = ("delta", "gamma", "kms", "t0", "offset", "sigma")

@@ -28,14 +28,15 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from amortized_nlme.data import read_theophylline  # noqa: E402
-from amortized_nlme.estimator import load_estimator  # noqa: E402
-from amortized_nlme.fit import fit  # noqa: E402
-from amortized_nlme.infer import likelihood_drawset  # noqa: E402
-from amortized_nlme.marginal import ImportanceSampler, count_observations  # noqa: E402
-from amortized_nlme.objective import DrawSet  # noqa: E402
+from amortized_nlme.config import load_population  # noqa: E402
+from amortized_nlme.data import read_dataset  # noqa: E402
+from amortized_nlme.posterior import load_estimator  # noqa: E402
+from amortized_nlme.population.fit import fit  # noqa: E402
+from amortized_nlme.inference.weights import likelihood_drawset  # noqa: E402
+from amortized_nlme.population.marginal import ImportanceSampler, count_observations  # noqa: E402
+from amortized_nlme.population.objective import DrawSet  # noqa: E402
 from amortized_nlme.population import PopulationModel, dummy_columns  # noqa: E402
-from amortized_nlme.selection import build_model, covariate_columns, select_covariates, write_selection  # noqa: E402
+from amortized_nlme.population.selection import build_model, covariate_columns, select_covariates, write_selection  # noqa: E402
 from simulators import get_model  # noqa: E402
 
 logger = logging.getLogger("theophylline")
@@ -51,7 +52,7 @@ REFERENCE = {
 def tiny_estimator(out: Path, model) -> Path:
     """Train a throw-away estimator in seconds (tests the pipeline, not the numbers)."""
     from amortized_nlme.config import NetworkConfig, TrainingConfig, WorkflowConfig, load_workflow
-    from amortized_nlme.estimator import train
+    from amortized_nlme.training import train
 
     try:
         cfg = load_workflow("pk_oral_1cmt")
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("amortized_nlme.fit", "amortized_nlme.objective", "pypesto", "jax", "absl"):
+    for noisy in ("amortized_nlme.population.fit", "amortized_nlme.population.objective", "pypesto", "jax", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     model = get_model("pk_oral_1cmt")
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no trained estimator at {est_dir} (train it with `amortized-nlme train pk_oral_1cmt`)", file=sys.stderr)
         return 2
     estimator = load_estimator(est_dir, model)
-    data = read_theophylline(DATA)
+    config = load_population(REPO / "workflows" / "populations" / "theo_saemix.toml")
+    data = read_dataset(DATA, covariates=["Weight", "Sex"], **{**config.data.reader_options(), "categorical": []})
     obs, design = model.from_dataset(data)
     cov = covariates_of(data)
     n_obs = count_observations(obs, design)

@@ -1,9 +1,11 @@
-"""Individual models (numba-jitted simulators), one module each, and the shared numba ODE/SDE solvers."""
+"""The individual-model library: one module per model (numba-jitted simulators), shared numba ODE/SDE solvers and
+model-family helpers. A model is registered here by one line in :data:`MODELS`."""
 
 from __future__ import annotations
 
 import importlib
 
+from amortized_nlme.errors import ConfigError
 from amortized_nlme.model import IndividualModel
 
 #: model name -> "module:class" providing it
@@ -19,7 +21,11 @@ MODELS: dict[str, str] = {
 def get_model(name: str, **options) -> IndividualModel:
     """Instantiate the individual model called ``name`` (``options`` go to its constructor)."""
     if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))} "
+                          "(`amortized-nlme models` describes them)")
     module_name, class_name = MODELS[name].split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(**options)
+    try:
+        return cls(**options)
+    except TypeError as exc:
+        raise ConfigError(f"model {name!r}: bad model_options {options} ({exc})") from None

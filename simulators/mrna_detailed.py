@@ -18,7 +18,7 @@ import numba as nb
 import numpy as np
 
 from amortized_nlme.model import Design, IndividualModel, NormalPrior, fixed_grid_design
-from simulators.mrna_simple import (
+from simulators.mrna_common import (
     TIME_GRID,
     encode_log_fluorescence,
     gaussian_log_likelihood,

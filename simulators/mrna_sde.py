@@ -15,7 +15,7 @@ import numba as nb
 import numpy as np
 
 from amortized_nlme.model import Design, IndividualModel, NormalPrior, fixed_grid_design
-from simulators.mrna_simple import TIME_GRID, encode_log_fluorescence_per_cell, log_fluorescence_from_dataset
+from simulators.mrna_common import TIME_GRID, encode_log_fluorescence_per_cell, log_fluorescence_from_dataset
 from simulators.solvers import SUCCESS, _normal, em_step_size, make_euler_maruyama, observed_times, rng_init
 
 #: Euler-Maruyama step (hours)

@@ -151,7 +151,7 @@ class PkOral1Cmt(IndividualModel):
 
     def from_dataset(self, data) -> tuple[np.ndarray, Design]:
         """Lay a single-oral-dose study out like simulations; anything else is a :class:`DataError`."""
-        from amortized_nlme.data import DataError
+        from amortized_nlme.errors import DataError
 
         n = data.n_individuals
         times = np.zeros((n, MAX_OBS))

@@ -77,6 +77,45 @@ def _all_finite(y: np.ndarray) -> bool:
     return True
 
 
+@nb.njit(cache=True, inline="always")
+def _outputs_before(Y: np.ndarray, y: np.ndarray, t_out: np.ndarray, t0: float) -> int:
+    """Write the initial state into the outputs at ``t <= t0``; returns the first output still to compute."""
+    j = 0
+    while j < t_out.size and t_out[j] <= t0:
+        Y[j, :] = y
+        j += 1
+    return j
+
+
+@nb.njit(cache=True, inline="always")
+def _apply_due_doses(y: np.ndarray, t: float, ev_times: np.ndarray, ev_amounts: np.ndarray, ev_cmt: np.ndarray,
+                     e: int) -> int:
+    """The shared dose-event step of every ODE solver: add the boluses due at or before ``t`` (from event ``e``
+    on) to their compartments; returns the next pending event."""
+    while e < ev_times.size and ev_times[e] <= t:
+        y[ev_cmt[e]] += ev_amounts[e]
+        e += 1
+    return e
+
+
+@nb.njit(cache=True, inline="always")
+def _segment_end(ev_times: np.ndarray, e: int, t_last: float) -> float:
+    """End of the next integration segment: the next dose event before the last output, else the last output."""
+    if e < ev_times.size and ev_times[e] < t_last:
+        return ev_times[e]
+    return t_last
+
+
+@nb.njit(cache=True, inline="always")
+def _finish(Y: np.ndarray, status: int) -> int:
+    """A failed or non-finite solve marks every output NaN (models turn it into a failed simulation)."""
+    if status != SUCCESS or not _all_finite(Y.ravel()):
+        if status == SUCCESS:
+            status = STEP_TOO_SMALL
+        _fill_nan(Y, 0)
+    return status
+
+
 def _make_initial_step(rhs: Callable) -> Callable:
     """Build the starting-step heuristic for ``rhs`` (Hairer, Norsett & Wanner, Sect. II.4)."""
 
@@ -248,34 +287,19 @@ def make_dopri5(rhs: Callable) -> Callable:
         Y = np.empty((T, n))
         W = np.empty((12, n))
         y = y0.copy()
-        j = 0
-        while j < T and t_out[j] <= t0:
-            Y[j, :] = y
-            j += 1
-        t = t0
-        e = 0
-        E = ev_times.size
-        steps = 0
-        status = SUCCESS
+        j = _outputs_before(Y, y, t_out, t0)
+        t, e, steps, status = t0, 0, 0, SUCCESS
         t_last = t_out[T - 1] if T > 0 else t0
         while True:
-            while e < E and ev_times[e] <= t:
-                y[ev_cmt[e]] += ev_amounts[e]
-                e += 1
+            e = _apply_due_doses(y, t, ev_times, ev_amounts, ev_cmt, e)
             if j >= T:
                 break
-            t_next = t_last
-            if e < E and ev_times[e] < t_last:
-                t_next = ev_times[e]
+            t_next = _segment_end(ev_times, e, t_last)
             j, steps, status = segment(p, y, t, t_next, t_out, Y, j, rtol, atol, max_steps, steps, W)
             if status != SUCCESS:
                 break
             t = t_next
-        if status != SUCCESS or not _all_finite(Y.ravel()):
-            if status == SUCCESS:
-                status = STEP_TOO_SMALL
-            _fill_nan(Y, 0)
-        return Y, status
+        return Y, _finish(Y, status)
 
     return solve
 
@@ -554,35 +578,20 @@ def make_rodas4(rhs: Callable, jac: Callable | None = None, dim: int | None = No
         piv = np.empty(n, dtype=np.int64)
         dinv = np.empty(n)
         y = y0.copy()
-        j = 0
-        while j < T and t_out[j] <= t0:
-            Y[j, :] = y
-            j += 1
-        t = t0
-        e = 0
-        E = ev_times.size
-        steps = 0
-        status = SUCCESS
+        j = _outputs_before(Y, y, t_out, t0)
+        t, e, steps, status = t0, 0, 0, SUCCESS
         t_last = t_out[T - 1] if T > 0 else t0
         while True:
-            while e < E and ev_times[e] <= t:
-                y[ev_cmt[e]] += ev_amounts[e]
-                e += 1
+            e = _apply_due_doses(y, t, ev_times, ev_amounts, ev_cmt, e)
             if j >= T:
                 break
-            t_next = t_last
-            if e < E and ev_times[e] < t_last:
-                t_next = ev_times[e]
+            t_next = _segment_end(ev_times, e, t_last)
             j, steps, status = segment(p, y, t, t_next, t_out, Y, j, rtol, atol, max_steps, steps,
-                                               autonomous, W, J, M, piv, dinv)
+                                       autonomous, W, J, M, piv, dinv)
             if status != SUCCESS:
                 break
             t = t_next
-        if status != SUCCESS or not _all_finite(Y.ravel()):
-            if status == SUCCESS:
-                status = STEP_TOO_SMALL
-            _fill_nan(Y, 0)
-        return Y, status
+        return Y, _finish(Y, status)
 
     return solve
 

@@ -47,7 +47,7 @@ def test_simulate_command_writes_store(tmp_path: Path) -> None:
     out = tmp_path / "sims.h5"
     res = run_cli("simulate", "mrna_simple", "-n", "500", "--chunk-size", "200", "--out", str(out), "--seed", "3")
     assert res.returncode == 0, res.stderr[-2000:]
-    from amortized_nlme.store import SimulationStore
+    from amortized_nlme.simulation.store import SimulationStore
 
     with SimulationStore(out) as store:
         assert len(store) == 500

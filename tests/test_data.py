@@ -10,12 +10,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amortized_nlme.data import ColumnMap, DataError, Dataset, read_dataset, read_froehlich, read_theophylline
+from amortized_nlme.config import load_population
+from amortized_nlme.data import ColumnMap, DataError, Dataset, read_dataset
 
-DATA = Path(__file__).resolve().parent.parent / "amortized_nlme" / "example_data"  # shipped copies of shared/data
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "amortized_nlme" / "example_data"  # shipped copies of shared/data
 FROEHLICH = DATA / "froehlich2018_single_cell_gfp.csv.gz"
 THEOPH = DATA / "theoph.csv"
 THEO_SAEMIX = DATA / "theo_saemix.csv"
+POPULATIONS = REPO / "workflows" / "populations"
+
+
+def read_froehlich(path: Path) -> Dataset:
+    """The Fröhlich layout is the default reader with REPORTER as group and EXPERIMENT as a categorical covariate."""
+    return read_dataset(path, group="REPORTER", categorical=["EXPERIMENT"])
+
+
+def read_theophylline(path: Path, drop_predose: bool = False) -> Dataset:
+    """Theophylline with the reader options of the shipped example configs (theoph_r.toml, theo_saemix.toml),
+    covariates read as numbers."""
+    config = load_population(POPULATIONS / ("theoph_r.toml" if path == THEOPH else "theo_saemix.toml"))
+    options = config.data.reader_options()
+    options.update(drop_predose=drop_predose, categorical=[])
+    covariates = ["Wt"] if path == THEOPH else ["Weight", "Sex"]
+    return read_dataset(path, covariates=covariates, **options)
 
 needs_data = pytest.mark.skipif(not FROEHLICH.exists(), reason="example data not shipped")
 

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from amortized_nlme.config import load_workflow
-from amortized_nlme.estimator import EstimatorError, TrainedEstimator, train
+from amortized_nlme.errors import EstimatorError
+from amortized_nlme.posterior import TrainedEstimator
+from amortized_nlme.training import latest_checkpoint, train
 from amortized_nlme.model import take_design
 from simulators import get_model
 
@@ -86,7 +88,8 @@ def test_resume_after_time_budget(tmp_path: Path) -> None:
     cfg.training.epochs = 3
     model = get_model("mrna_simple")
     assert not train(cfg, model, tmp_path, max_minutes=0.0, verbose=0)  # stops after its first epoch
-    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    state_file = latest_checkpoint(tmp_path / "checkpoint") / "state.json"
+    state = json.loads(state_file.read_text())
     assert state["epoch"] == 1
     assert not (tmp_path / "approximator.keras").exists()
     assert train(cfg, model, tmp_path, verbose=0)
@@ -95,14 +98,14 @@ def test_resume_after_time_budget(tmp_path: Path) -> None:
     # a changed configuration must not silently continue the old checkpoint
     (tmp_path / "approximator.keras").unlink()
     state["epoch"] = 1
-    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps(state))
+    (latest_checkpoint(tmp_path / "checkpoint") / "state.json").write_text(json.dumps(state))
     cfg.training.learning_rate = 1e-2
     with pytest.raises(EstimatorError, match="another model or configuration"):
         train(cfg, model, tmp_path, verbose=0)
 
 
 def test_offline_training_from_store(tmp_path: Path) -> None:
-    from amortized_nlme.simulate import simulate_to_store
+    from amortized_nlme.simulation import simulate_to_store
 
     model = get_model("mrna_simple")
     store = simulate_to_store(model, 1200, tmp_path / "sims.h5", seed=5, chunk_size=400, progress=False)
@@ -126,7 +129,7 @@ def test_jax_estimator_loads_and_samples_under_tensorflow(trained: Path) -> None
     np.save(trained.parent / "phi.npy", phi)
     script = textwrap.dedent(f"""
         import numpy as np, keras
-        from amortized_nlme.estimator import TrainedEstimator
+        from amortized_nlme.posterior import TrainedEstimator
         from simulators import get_model
         assert keras.backend.backend() == "tensorflow"
         m = get_model("mrna_simple")
@@ -240,8 +243,8 @@ class _OutlierEstimator(TrainedEstimator):
 
 
 def test_draws_outside_the_prior_support_are_redrawn() -> None:
-    from amortized_nlme.estimator import SUPPORT_SD
-    from amortized_nlme.simulate import simulate_batch
+    from amortized_nlme.posterior import SUPPORT_SD
+    from amortized_nlme.simulation import simulate_batch
 
     model = get_model("pk_oral_1cmt")
     _, obs, design = simulate_batch(model, 6, np.random.default_rng(1))
@@ -265,7 +268,8 @@ def test_flow_dropout_follows_the_config(rate: float) -> None:
     import keras
 
     from amortized_nlme.config import NetworkConfig
-    from amortized_nlme.estimator import _first_batch, build_approximator
+    from amortized_nlme.training.networks import build_approximator
+    from amortized_nlme.training.trainer import _first_batch
 
     model = get_model("pk_oral_1cmt")
     cfg = NetworkConfig(flow_dropout=rate, flow_widths=[16, 16], flow_depth=2, summary_dim=8, recurrent_dim=8,

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
-from amortized_nlme.fit import fit, hessian_fd, mc_standard_errors, reevaluate
+from amortized_nlme.population.fit import fit, hessian_fd, mc_standard_errors, reevaluate
 from amortized_nlme.model import NormalPrior
-from amortized_nlme.objective import DrawSet, PopulationObjective
+from amortized_nlme.population.objective import DrawSet, PopulationObjective
 from amortized_nlme.population import PopulationModel, dummy_columns
 
 K = 2
@@ -322,7 +322,7 @@ def test_concatenate_keeps_weights_and_refuses_mismatches() -> None:
 
 def test_draws_factor_closed_form() -> None:
     """The predicted draw multiplier: pure variance needs (mc_se / (t se))^2, pure bias |bias| / (t se)."""
-    from amortized_nlme.fit import MonteCarloError
+    from amortized_nlme.population.fit import MonteCarloError
 
     se = np.array([1.0, 2.0])
     var_only = MonteCarloError(100, 4, se=np.array([0.6, 0.0]), bias=np.zeros(2), estimates=np.zeros((4, 2)))
@@ -348,7 +348,7 @@ def lg_large() -> LinearGaussian:
 def test_jackknife_bias_matches_the_actual_monte_carlo_bias(lg_large: LinearGaussian) -> None:
     """With 32 exact posterior draws the fitted omegas are biased upwards (log of a Monte-Carlo mean); the jackknife
     from 4 disjoint subsets recovers most of that bias (averaged over draw sets), and none where there is none."""
-    from amortized_nlme.fit import monte_carlo_error
+    from amortized_nlme.population.fit import monte_carlo_error
 
     exact = lg_large.exact_mle_diag()
     devs, jack = [], []
@@ -373,7 +373,7 @@ def test_jackknife_bias_matches_the_actual_monte_carlo_bias(lg_large: LinearGaus
 def test_fit_with_enough_draws_adds_draws_until_the_target(lg_large: LinearGaussian) -> None:
     """Starting from 16 draws (Monte-Carlo error comparable to the statistical SE) the fit asks for fresh draws
     until every estimate's Monte-Carlo error is below the target; the estimate moves towards the exact MLE."""
-    from amortized_nlme.fit import fit_with_enough_draws
+    from amortized_nlme.population.fit import fit_with_enough_draws
 
     n = lg_large.ybar.shape[0]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from amortized_nlme.infer import InferenceOptions, run_inference
+from amortized_nlme.inference.pipeline import InferenceOptions, run_inference
 from simulators import get_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,7 +21,7 @@ TIMES = np.array([0.25, 0.5, 1, 2, 3.5, 5, 7, 9, 12, 24.0])
 
 
 def simulated_study(path: Path, n: int, seed: int) -> None:
-    """A theophylline-like study (theo_saemix.csv layout) from a known population."""
+    """A theophylline-like study in NONMEM layout (a dose record, then the concentrations) from a known population."""
     model = get_model("pk_oral_1cmt")
     rng = np.random.default_rng(seed)
     phi = np.log([TRUTH["ka"], TRUTH["ke"], TRUTH["V"], TRUTH["sigma_add"]]) * np.ones((n, 4))
@@ -34,8 +34,12 @@ def simulated_study(path: Path, n: int, seed: int) -> None:
     design["times"][:, :T] = TIMES
     design["mask"][:, :T] = True
     y = model.simulate(phi, design, rng)[:, :T, 0]
-    rows = [(i + 1, dose[i], TIMES[t], y[i, t], weight[i], int(i % 2)) for i in range(n) for t in range(T)]
-    pd.DataFrame(rows, columns=["Id", "Dose", "Time", "Concentration", "Weight", "Sex"]).to_csv(path, index=False)
+    rows = []
+    for i in range(n):
+        rows.append((i + 1, 0.0, dose[i], np.nan, 1, 1, weight[i], int(i % 2)))
+        rows += [(i + 1, TIMES[t], np.nan, y[i, t], 0, 0, weight[i], int(i % 2)) for t in range(T)]
+    frame = pd.DataFrame(rows, columns=["ID", "TIME", "AMT", "DV", "EVID", "MDV", "WT", "SEX"])
+    frame.to_csv(path, index=False, na_rep=".")
 
 
 @pytest.mark.parametrize("likelihood", ["exact", "amortized"])
@@ -98,6 +102,6 @@ def test_draws_adapted_to_the_monte_carlo_target(tmp_path: Path) -> None:
 def test_bad_inference_options_are_refused(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
     from amortized_nlme.cli import main
 
-    data = REPO / "amortized_nlme" / "example_data" / "theo_saemix.csv"
+    data = REPO / "amortized_nlme" / "example_data" / "theophylline_nonmem.csv"
     assert main(["infer", "pk_oral_1cmt", "--data", str(data), *args]) == 2
     assert message in capsys.readouterr().err

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from amortized_nlme.marginal import (
+from amortized_nlme.population.marginal import (
     ImportanceSampler,
     count_observations,
     count_parameters,
@@ -22,9 +22,9 @@ from amortized_nlme.marginal import (
     marginal_log_likelihood,
 )
 from amortized_nlme.model import NormalPrior
-from amortized_nlme.objective import DrawSet
+from amortized_nlme.population.objective import DrawSet
 from amortized_nlme.population import PopulationModel
-from amortized_nlme.selection import (
+from amortized_nlme.population.selection import (
     build_model,
     covariate_columns,
     plot_selection,
@@ -208,7 +208,7 @@ def test_exhaustive_selection_recovers_effects(covariate_problem, tmp_path) -> N
 
 
 def test_marginal_candidates_include_models_tied_within_monte_carlo_error() -> None:
-    from amortized_nlme.selection import SelectionResult, VisitedModel, marginal_candidates
+    from amortized_nlme.population.selection import SelectionResult, VisitedModel, marginal_candidates
 
     def visited(label: str, bicc: float, se: float, order: int) -> VisitedModel:
         return VisitedModel(relations=((label, "x"),) if label != "base" else (), model=None, estimate=np.zeros(1),

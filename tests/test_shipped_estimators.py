@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from amortized_nlme.diagnostics import ecdf_band_check, interval_coverage, randomized_ranks
-from amortized_nlme.estimator import TrainedEstimator, file_hash
-from amortized_nlme.simulate import simulate_batch
+from amortized_nlme.training.check import ecdf_band_check, interval_coverage, randomized_ranks
+from amortized_nlme.posterior import TrainedEstimator
+from amortized_nlme.provenance import file_sha256 as file_hash
+from amortized_nlme.simulation import simulate_batch
 from simulators import get_model
 
 TRAINED = Path(__file__).resolve().parent.parent / "trained_models"

@@ -10,14 +10,14 @@ import pytest
 
 from amortized_nlme import __version__
 from amortized_nlme.model import Design, IndividualModel, NormalPrior
-from amortized_nlme.simulate import (
+from amortized_nlme.simulation import (
     SimulationError,
     compute_chunk,
     simulate_batch,
     simulate_batch_counted,
     simulate_to_store,
 )
-from amortized_nlme.store import SimulationStore, StoreError, StoreWriter, partial_path
+from amortized_nlme.simulation.store import SimulationStore, StoreError, StoreWriter, partial_path
 from simulators.mrna_simple import MrnaSimple
 
 DATASETS = ("params", "observations", "design/times", "design/mask", "chunk_failed")

@@ -19,14 +19,12 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
+from amortized_nlme.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 #: strings read as "missing" in addition to pandas' defaults ("." is NONMEM's missing-value marker)
 _NA_VALUES = ["."]
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, row and column and what was expected."""
 
 
 @dataclass
@@ -655,34 +653,3 @@ def _sort_key(label: Any) -> tuple[int, float, str]:
         return (0, float(label), "")
     except (TypeError, ValueError):
         return (1, 0.0, str(label))
-
-
-# ---------------------------------------------------------------------------------------------------- presets
-
-
-def read_froehlich(path: str | os.PathLike[str]) -> Dataset:
-    """Fröhlich et al. 2018 single-cell GFP data: ``ID, TIME, DV``, REPORTER as group, EXPERIMENT categorical."""
-    return read_dataset(path, ColumnMap(id="ID", time="TIME", dv="DV"), group="REPORTER",
-                        categorical=["EXPERIMENT"])
-
-
-def read_theophylline(path: str | os.PathLike[str], *, drop_predose: bool = False) -> Dataset:
-    """Theophylline PK (12 subjects, oral dose at time 0), from ``theoph.csv`` or ``theo_saemix.csv``.
-
-    ``theoph.csv`` (R ``datasets::Theoph``) gives Dose in mg/kg: the dose in mg is Dose*Wt; its Time-0 rows are
-    pre-dose concentrations (``drop_predose`` removes them). ``theo_saemix.csv`` gives Dose in mg, covariates
-    Weight and Sex. The format is recognised from the header.
-    """
-    path = os.fspath(path)
-    header = {c.lower() for c in _read_frame(path, [])[0].columns}
-    if {"subject", "wt", "dose", "time", "conc"} <= header:
-        return read_dataset(path, ColumnMap(id="Subject", time="Time", dv="conc", amt="", evid="", mdv="", cmt=""),
-                            covariates=["Wt"], dose_column="Dose", dose_scale_column="Wt",
-                            drop_predose=drop_predose)
-    if {"id", "dose", "time", "concentration"} <= header:
-        covs = [c for c in ("Weight", "Sex") if c.lower() in header]
-        return read_dataset(path, ColumnMap(id="Id", time="Time", dv="Concentration", amt="", evid="", mdv="",
-                                            cmt=""),
-                            covariates=covs, dose_column="Dose", drop_predose=drop_predose)
-    raise DataError(f"{path}, row 1 (header): not a theophylline file; expected columns Subject, Wt, Dose, Time, "
-                    f"conc (theoph.csv) or Id, Dose, Time, Concentration, Weight, Sex (theo_saemix.csv)")

@@ -1,40 +1,36 @@
-"""The inference stage: data + trained estimator + population model -> population estimates with uncertainty.
+"""Stage 3, infer: data + trained estimator + population model -> population estimates with uncertainty, written to
+``results/<run>/``. This module orchestrates the stages below it (data, posterior, population, report) and owns no
+statistics of its own.
 
-Posterior draws are made once per (data, estimator, number of draws, seed) and cached in HDF5, so that refitting with
-another population model neither resamples nor retrains.
+Posterior draws are made once per (data, estimator, number of draws, seed) and cached in the user cache directory,
+so that refitting with another population model neither resamples nor retrains.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import platform
 import sys
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
-import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
-import amortized_nlme  # noqa: E402
-from amortized_nlme.config import WorkflowConfig, load_workflow  # noqa: E402
-from amortized_nlme.data import Dataset, read_dataset, read_froehlich, read_theophylline  # noqa: E402
+from amortized_nlme.config import PopulationConfig, WorkflowConfig, load_population, load_workflow  # noqa: E402
+from amortized_nlme.data import Dataset, read_dataset  # noqa: E402
 from amortized_nlme.errors import ConfigError  # noqa: E402
-from amortized_nlme.estimator import TrainedEstimator, load_estimator  # noqa: E402
+from amortized_nlme.inference.weights import choose_likelihood, has_likelihood, weighted_drawset  # noqa: E402
 from amortized_nlme.model import Design, IndividualModel  # noqa: E402
-from amortized_nlme.objective import DrawSet  # noqa: E402
-from amortized_nlme.population import PopulationModel, dummy_columns  # noqa: E402
+from amortized_nlme.population import DrawSet, PopulationModel, bind_population  # noqa: E402
+from amortized_nlme.posterior import TrainedEstimator, load_estimator, posterior_draws  # noqa: E402
+from amortized_nlme.provenance import package_versions, platform_description  # noqa: E402
+from amortized_nlme.resources import estimator_dir, resolve_data_path, user_cache_dir  # noqa: E402
 
 logger = logging.getLogger(__name__)
-
-REPO = Path(__file__).resolve().parent.parent
-CACHE_DIR = "draws_cache"
 
 
 @dataclass
@@ -56,7 +52,7 @@ class InferenceOptions:
     mc_refits: int = 4  # disjoint draw subsets for the Monte-Carlo error (0: not measured, draws not adapted)
     mc_target: float = 0.3  # with n_draws None: more draws until Monte-Carlo RMS error <= this x statistical SE
     max_draws: int | None = None  # cap on the adapted draws per individual (default: see draws_cap)
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # posterior-draw cache (default: the user cache directory)
     marginal: str = "auto"  # importance-sampling -2LL/AIC/BIC/BICc: "on", "off", or "auto" (on for small data)
     likelihood: str = "auto"  # "amortized" (weights 1/p(phi)), "exact" (p(y|phi)/q(phi|y)), "auto"
     profile_parameters: list[str] | None = None
@@ -78,7 +74,7 @@ class InferenceContext:
     covariates: dict[str, np.ndarray]
     groups: np.ndarray | None
     population: PopulationModel
-    population_config: dict[str, Any]
+    population_config: PopulationConfig
     likelihood: str = "amortized"
     timings: dict[str, float] = field(default_factory=dict)
     data_hash: str = ""
@@ -86,20 +82,29 @@ class InferenceContext:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# data
+# inputs
 
 
-def read_data(path: str, workflow: WorkflowConfig) -> Dataset:
-    """Read ``path`` with the reader named in the workflow's ``[data]`` section (generic CSV otherwise)."""
-    opts = dict(workflow.data)
-    reader = opts.pop("reader", "csv")
-    if reader == "froehlich":
-        return read_froehlich(path)
-    if reader == "theophylline":
-        return read_theophylline(path, drop_predose=bool(opts.get("drop_predose", False)))
-    if reader == "csv":
-        return read_dataset(path, **opts)
-    raise ConfigError(f"workflow {workflow.model}: unknown data reader {reader!r} (froehlich, theophylline, csv)")
+def population_config(opts: InferenceOptions, workflow: WorkflowConfig) -> tuple[PopulationConfig, str]:
+    """The population model to fit (``--pop`` file, else the workflow's ``[population]``) and where it came from."""
+    if opts.population:
+        return load_population(opts.population), str(opts.population)
+    if workflow.population is None:
+        raise ConfigError(f"no population model given (--pop) and the {workflow.model} workflow has no [population] "
+                          "table")
+    return workflow.population, f"the {workflow.model} workflow's [population]"
+
+
+def read_data(path: str, workflow: WorkflowConfig, population: PopulationConfig) -> Dataset:
+    """Read ``path`` with the generic reader: the workflow's ``[data]`` options overridden by the population file's
+    ``[data]`` table; covariates are exactly the columns the population file's definitions use, groups the column
+    of its ``[groups]``."""
+    options = workflow.data.merged(population.data)
+    kwargs = options.reader_options()
+    categorical = list(dict.fromkeys([*kwargs.pop("categorical"), *population.categorical_data_columns()]))
+    covariates = list(dict.fromkeys(population.covariate_data_columns() + categorical))
+    return read_dataset(resolve_data_path(path), covariates=covariates, categorical=categorical,
+                        group=population.groups.column if population.groups else None, **kwargs)
 
 
 def default_n_draws(n_individuals: int) -> int:
@@ -126,126 +131,6 @@ def extension_seed(seed: int, round_: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# population model configuration
-
-
-def load_population_config(path: str | None, workflow: WorkflowConfig) -> dict[str, Any]:
-    """The population model as a dict: from a TOML/JSON file, or the workflow's ``[population]`` section."""
-    if path is None:
-        if not workflow.population:
-            raise ConfigError(f"no population model given (--pop) and workflows/{workflow.model}.toml has no "
-                              "[population] section")
-        return json.loads(json.dumps(workflow.population))
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"population model file {p} not found")
-    try:
-        return tomllib.loads(p.read_text()) if p.suffix.lower() == ".toml" else json.loads(p.read_text())
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot parse population model: {exc}") from None
-
-
-def covariate_columns(data: Dataset, definitions: dict[str, Any], where: str) -> dict[str, np.ndarray]:
-    """Transformed covariate columns from the data's covariates, as the population file defines them.
-
-    Each entry ``name = {column = "Weight", transform = "log_ratio_mean" | "log_ratio_median" | "centered" |
-    "identity" | "categorical", reference = <level>}``; a categorical covariate gives 0/1 columns ``name_<level>``.
-    """
-    cols: dict[str, np.ndarray] = {}
-    for name, spec in definitions.items():
-        if isinstance(spec, str):
-            spec = {"column": spec}
-        column = spec.get("column", name)
-        if column not in data.covariates.columns:
-            raise ConfigError(f"{where}: covariate {name!r} uses column {column!r}, which the data does not have "
-                              f"(covariates read: {list(data.covariates.columns)})")
-        values = data.covariates[column].to_numpy()
-        transform = spec.get("transform", "identity")
-        if transform == "categorical":
-            cols.update(dummy_columns(values, name, spec.get("reference")))
-            continue
-        x = np.asarray(values, dtype=np.float64)
-        if transform == "log_ratio_mean":
-            x = np.log(x / np.mean(x))
-        elif transform == "log_ratio_median":
-            x = np.log(x / np.median(x))
-        elif transform == "centered":
-            x = x - np.mean(x)
-        elif transform != "identity":
-            raise ConfigError(f"{where}: covariate {name!r}: unknown transform {transform!r}")
-        cols[name] = x
-    return cols
-
-
-def build_population(config: dict[str, Any], model: IndividualModel, data: Dataset, where: str
-                     ) -> tuple[PopulationModel, dict[str, np.ndarray], np.ndarray | None]:
-    """PopulationModel + covariate columns + group labels for ``data`` from a population config dict."""
-    cfg = dict(config)
-    definitions = cfg.pop("covariate_definitions", {})
-    if cfg.get("fixed_std") == "auto":
-        cfg.pop("fixed_std")  # resolved from the posterior draws once they exist
-    groups_cfg = cfg.pop("groups", None)
-    groups = None
-    if isinstance(groups_cfg, dict):
-        cfg["group_specific"] = groups_cfg.get("specific", [])
-        cfg["group_column"] = groups_cfg.get("column")
-        levels = groups_cfg.get("levels")
-        if data.groups is None:
-            raise ConfigError(f"{where}: the population model has groups, but the data has no group column")
-        groups = np.asarray(data.groups).astype(str)
-        cfg["groups"] = list(levels) if levels else sorted(set(groups.tolist()))
-    elif groups_cfg is not None:
-        cfg["groups"] = groups_cfg
-        groups = None if data.groups is None else np.asarray(data.groups).astype(str)
-    covariates = covariate_columns(data, definitions, where)
-    try:
-        pop = PopulationModel.from_dict(cfg, prior=model.prior)
-        pop.design(data.n_individuals, covariates, groups)  # validates covariate columns and group labels now
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    return pop, covariates, groups
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# posterior draws with a cache
-
-
-def _cache_key(data_hash: str, estimator_hash: str, n_draws: int, seed: int) -> str:
-    return f"{data_hash[:16]}-{estimator_hash[:16]}-M{n_draws}-s{seed}"
-
-
-def posterior_draws(estimator: TrainedEstimator, observations: np.ndarray, design: Design, n_draws: int, seed: int,
-                    data_hash: str, cache_dir: Path | None) -> np.ndarray:
-    """Draws ``[n, M, k]`` for every individual, read from the cache when the same data, estimator, M and seed were
-    sampled before; written atomically (temp file, then rename)."""
-    path = None
-    if cache_dir is not None:
-        path = cache_dir / f"{_cache_key(data_hash, estimator.sha256, n_draws, seed)}.h5"
-        if path.exists():
-            with h5py.File(path, "r") as fh:
-                if fh.attrs.get("data_hash") == data_hash and fh.attrs.get("estimator_sha256") == estimator.sha256:
-                    logger.info("posterior draws read from cache %s", path)
-                    return fh["draws"][...]
-    t0 = time.perf_counter()
-    draws = estimator.sample(observations, design, n_draws, seed=seed, progress=True)
-    logger.info("%d x %d posterior draws in %.1f s", draws.shape[0], n_draws, time.perf_counter() - t0)
-    bad = ~np.all(np.isfinite(draws), axis=(1, 2))
-    if bad.any():
-        raise RuntimeError(f"the estimator returned non-finite draws for {int(bad.sum())} individuals")
-    if path is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with h5py.File(tmp, "w") as fh:
-            fh.create_dataset("draws", data=draws.astype(np.float32), compression="lzf")
-            fh.attrs.update({"data_hash": data_hash, "estimator_sha256": estimator.sha256, "n_draws": n_draws,
-                             "seed": seed, "model": estimator.model.name})
-        os.replace(tmp, path)
-        with h5py.File(path, "r") as fh:  # the cached (float32) draws, so a refit uses exactly the same numbers
-            return fh["draws"][...]
-    return draws.astype(np.float32)
-
-
-# ------------------------------------------------------------------------------------------------------------------
 # the stage
 
 
@@ -264,6 +149,14 @@ def check_options(opts: InferenceOptions) -> None:
         raise ConfigError(f"--max-draws must be at least 2, not {opts.max_draws}")
     if opts.n_starts < 1:
         raise ConfigError(f"--starts must be at least 1, not {opts.n_starts}")
+    if opts.max_individuals is not None and opts.max_individuals < 1:
+        raise ConfigError(f"--max-individuals must be at least 1, not {opts.max_individuals}")
+    if opts.seed < 0:
+        raise ConfigError(f"--seed must be a non-negative integer, not {opts.seed}")
+    if opts.marginal not in ("auto", "on", "off"):
+        raise ConfigError(f"--marginal must be auto, on or off, not {opts.marginal!r}")
+    if opts.likelihood not in ("auto", "amortized", "exact"):
+        raise ConfigError(f"--likelihood must be auto, amortized or exact, not {opts.likelihood!r}")
 
 
 def prepare_inference(opts: InferenceOptions) -> InferenceContext:
@@ -276,15 +169,17 @@ def prepare_inference(opts: InferenceOptions) -> InferenceContext:
     t0 = time.perf_counter()
     workflow = load_workflow(opts.config or opts.model)
     model = get_model(workflow.model, **workflow.model_options)
-    data = read_data(opts.data, workflow)
+    pop_cfg, where = population_config(opts, workflow)
+    data = read_data(opts.data, workflow, pop_cfg)
     if opts.groups:
         if data.groups is None:
-            raise ConfigError(f"--groups given, but {opts.data} was read without a group column")
+            raise ConfigError(f"--groups given, but {opts.data} was read without a group column (set [groups] column "
+                              "in the population file)")
         keep = np.flatnonzero(np.isin(np.asarray(data.groups).astype(str), opts.groups))
         if keep.size == 0:
             raise ConfigError(f"no individuals in groups {opts.groups}; groups are {sorted(set(data.groups))}")
         data = data.subset(keep)
-    if opts.max_individuals and opts.max_individuals < data.n_individuals:
+    if opts.max_individuals is not None and opts.max_individuals < data.n_individuals:
         keep = np.sort(np.random.default_rng(opts.seed).choice(data.n_individuals, opts.max_individuals,
                                                                replace=False))
         data = data.subset(keep)
@@ -292,14 +187,13 @@ def prepare_inference(opts: InferenceOptions) -> InferenceContext:
     observations, design = model.from_dataset(data)
     timings["read_data_s"] = time.perf_counter() - t0
 
-    pop_cfg = load_population_config(opts.population, workflow)
-    where = opts.population or f"workflows/{workflow.model}.toml [population]"
-    population, covariates, groups = build_population(pop_cfg, model, data, where)
+    population, covariates, groups = bind_population(pop_cfg, model.prior, data.covariates, data.groups,
+                                                     data.n_individuals, where)
 
     t1 = time.perf_counter()
-    estimator = load_estimator(opts.estimator or REPO / "trained_models" / workflow.model, model)
+    estimator = load_estimator(opts.estimator or estimator_dir(workflow.model), model)
     n_draws = opts.n_draws or default_n_draws(data.n_individuals)
-    cache = Path(opts.cache_dir) if opts.cache_dir else (REPO / "results" / CACHE_DIR)
+    cache = Path(opts.cache_dir) if opts.cache_dir else user_cache_dir() / "draws"
     data_hash = data.content_hash()
     draws = posterior_draws(estimator, observations, design, n_draws, opts.seed, data_hash, cache)
     timings["posterior_draws_s"] = time.perf_counter() - t1
@@ -307,89 +201,13 @@ def prepare_inference(opts: InferenceOptions) -> InferenceContext:
     drawset, likelihood = weighted_drawset(likelihood, estimator, model, observations, design, draws, data.ids,
                                            timings)
     logger.info("population likelihood: %s", likelihood)
-    if population.fixed_std and pop_cfg.get("fixed_std", "auto") == "auto":
+    if population.fixed_std and pop_cfg.fixed_std == "auto":
         # kernel width for parameters without random effect: a fifth of their typical posterior sd (see population.py)
         population = population.with_fixed_std_from_draws(drawset.draws, fraction=0.2)
         logger.info("kernel sd for parameters without random effect: %s",
                     {p: round(v, 4) for p, v in population.fixed_std.items()})
     return InferenceContext(opts, workflow, model, estimator, data, observations, design, draws, drawset,
                             covariates, groups, population, pop_cfg, likelihood, timings, data_hash, cache)
-
-
-#: "auto" tries exact likelihood weights when individuals x draws x time points stays below this
-EXACT_AUTO_LIMIT = 20_000_000
-#: ... and keeps them only when q is a good proposal: median effective sample size of p(y|phi) p(phi) / q(phi|y)
-#: at least this fraction of the draws (and at least 20)
-EXACT_MIN_ESS_FRACTION = 0.05
-
-
-def has_likelihood(model: IndividualModel, observations: np.ndarray, design: Design) -> bool:
-    """Whether the individual model has a tractable log p(y_i | phi) (SDE models do not)."""
-    try:
-        model.log_likelihood(model.prior.mean[None, :], observations[:1], {k: v[:1] for k, v in design.items()})
-    except NotImplementedError:
-        return False
-    return True
-
-
-def choose_likelihood(requested: str, model: IndividualModel, observations: np.ndarray, design: Design,
-                      n_draws_total: int) -> str:
-    """Resolve ``--likelihood`` before any weights are computed: "exact" is tried when the model has a likelihood
-    and the data are not too large (the proposal-quality check follows in :func:`prepare_inference`)."""
-    if requested not in ("auto", "amortized", "exact"):
-        raise ConfigError(f"--likelihood must be auto, amortized or exact, not {requested!r}")
-    tractable = has_likelihood(model, observations, design)
-    if requested == "exact" and not tractable:
-        raise ConfigError(f"{model.name} has no tractable individual likelihood: use --likelihood amortized")
-    if requested == "auto":
-        cost = n_draws_total * observations.shape[1]
-        requested = "auto-exact" if tractable and cost <= EXACT_AUTO_LIMIT else "amortized"
-    return requested
-
-
-def proposal_ess(drawset: DrawSet, prior_log_prob: np.ndarray) -> np.ndarray:
-    """Per-individual effective sample size of the draws as importance samples of the posterior under the training
-    prior, weights p(y|phi) p(phi) / q(phi|y): near M when the estimator is accurate, near 1 when it is not."""
-    logw = prior_log_prob - drawset.log_prior  # log p(phi) - (log q - log lik)
-    logw = logw - logw.max(axis=1, keepdims=True)
-    w = np.exp(logw)
-    return w.sum(axis=1) ** 2 / np.sum(w * w, axis=1)
-
-
-def likelihood_drawset(estimator: TrainedEstimator, model: IndividualModel, observations: np.ndarray,
-                       design: Design, draws: np.ndarray, ids) -> DrawSet:
-    """Draws weighted by p(y_i | phi) / q(phi | y_i): the objective becomes -log p(D | theta) itself (see
-    :meth:`DrawSet.with_likelihood`); one pass of the flow's density and of the individual likelihood."""
-    from amortized_nlme.marginal import individual_loglik
-
-    log_q = estimator.log_prob(draws, observations, design)
-    log_lik = individual_loglik(model, draws, observations, design)
-    return DrawSet.with_likelihood(draws, model.prior, log_q, log_lik, ids=list(ids))
-
-
-def weighted_drawset(likelihood: str, estimator: TrainedEstimator, model: IndividualModel, observations: np.ndarray,
-                     design: Design, draws: np.ndarray, ids, timings: dict[str, float] | None = None
-                     ) -> tuple[DrawSet, str]:
-    """The draws with the weights ``likelihood`` asks for (as resolved by :func:`choose_likelihood`): exact
-    weights are kept under "auto-exact" only when the estimator is a good enough proposal (median ESS)."""
-    amortized = DrawSet(np.asarray(draws, dtype=np.float64), model.prior, ids=list(ids))
-    if likelihood not in ("exact", "auto-exact"):
-        return amortized, "amortized"
-    t0 = time.perf_counter()
-    exact = likelihood_drawset(estimator, model, observations, design, amortized.draws, ids)
-    if timings is not None:
-        timings["likelihood_weights_s"] = time.perf_counter() - t0
-    ess = proposal_ess(exact, amortized.log_prior)
-    need = max(20.0, EXACT_MIN_ESS_FRACTION * exact.M)
-    logger.info("estimator as importance proposal: median ESS %.0f of %d draws", float(np.median(ess)), exact.M)
-    if likelihood == "auto-exact" and np.median(ess) < need:
-        logger.info("median ESS below %.0f: the estimator is not a good enough proposal for exact weights here; "
-                    "using the amortized objective", need)
-        return amortized, "amortized"
-    if np.median(ess) < need:
-        logger.warning("exact weights with a median ESS of %.0f: expect a large Monte-Carlo error",
-                       float(np.median(ess)))
-    return exact, "exact"
 
 
 def draws_extender(ctx: InferenceContext):
@@ -413,7 +231,7 @@ def fit_population(ctx: InferenceContext, profile: bool | list[int]):
     """The fit of ``run_inference``: multistart with Wald SEs; with ``mc_refits`` >= 2 the Monte-Carlo error of the
     estimates, and (without ``--draws``) more draws until it is below ``mc_target`` x the statistical SE; then the
     profiles on the final draws. Returns the fit and the Monte-Carlo section of ``summary.json``."""
-    from amortized_nlme.fit import fit, fit_with_enough_draws, profile_intervals
+    from amortized_nlme.population import fit, fit_with_enough_draws, profile_intervals
 
     opts = ctx.options
     t0 = time.perf_counter()
@@ -461,7 +279,7 @@ def run_inference(opts: InferenceOptions) -> Path:
     from amortized_nlme.report import format_estimates, write_results
 
     ctx = prepare_inference(opts)
-    out = Path(opts.out or REPO / "results" / f"{ctx.model.name}-{Path(opts.data).name.split('.')[0]}")
+    out = Path(opts.out or Path("results") / f"{ctx.model.name}-{Path(opts.data).name.split('.')[0].split(':')[-1]}")
     profile: bool | list[int] = opts.profiles
     if opts.profiles and opts.profile_parameters:
         names = list(ctx.population.parameter_names)
@@ -479,12 +297,12 @@ def run_inference(opts: InferenceOptions) -> Path:
                  ctx.dataset.n_individuals, "n_observations": int(ctx.design["mask"].sum())},
         "estimator": {"path": str(ctx.estimator.path), "sha256": ctx.estimator.sha256},
         "population_model": ctx.population.to_dict(),
-        "population_config": ctx.population_config,
+        "population_config": ctx.population_config.model_dump(mode="json"),
         "n_draws": int(ctx.draws.shape[1]),
         "likelihood": ctx.likelihood,
         "seed": opts.seed,
-        "package_versions": _versions(),
-        "platform": platform.platform(),
+        "package_versions": package_versions(),
+        "platform": platform_description(),
     }
     extra = {"monte_carlo": mc, "model_selection": selection,
              "timings_s": {k: round(v, 2) for k, v in ctx.timings.items()}}
@@ -507,7 +325,7 @@ MARGINAL_AUTO_LIMIT = 20_000_000
 def marginal_likelihood_summary(ctx: InferenceContext, fr, opts: InferenceOptions) -> dict[str, Any]:
     """-2LL, AIC, BIC and BICc by importance sampling at the estimate (comparable with NONMEM/Monolix/saemix), or
     the reason it was skipped."""
-    from amortized_nlme.marginal import ImportanceSampler, count_observations
+    from amortized_nlme.population import ImportanceSampler, count_observations
 
     n_is = max(1000, ctx.drawset.M)
     if opts.marginal == "off":
@@ -531,13 +349,22 @@ def marginal_likelihood_summary(ctx: InferenceContext, fr, opts: InferenceOption
     return {"computed": True, "n_observations": n_obs, **ml.summary()}
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
+def run_selection(opts: InferenceOptions, candidates: list[str], parameters: list[str] | None, strategy: str) -> Path:
+    """``amortized-nlme select-covariates``: covariate selection by BICc on the inference stage's draws; writes
+    ``selection.{json,md,png}`` into the results folder and returns it."""
+    from amortized_nlme.population import ImportanceSampler, count_observations, select_covariates, write_selection
+    from amortized_nlme.population.marginal import count_parameters
 
-    out = {"amortized-nlme": amortized_nlme.__version__}
-    for pkg in ("bayesflow", "keras", "jax", "pypesto", "numpy", "scipy", "numba"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
+    ctx = prepare_inference(opts)
+    n_obs = count_observations(ctx.observations, ctx.design)
+    sampler = ImportanceSampler(ctx.model, ctx.estimator, ctx.observations, ctx.design,
+                                n_draws=max(1000, ctx.drawset.M), pilot_draws=ctx.drawset.draws, seed=opts.seed)
+    result = select_covariates(ctx.population, ctx.drawset, ctx.covariates, candidates, n_obs,
+                               parameters=parameters, groups=ctx.groups, strategy=strategy, seed=opts.seed,
+                               sampler=sampler)
+    out = Path(opts.out) if opts.out else Path("results") / f"{opts.model}-{Path(opts.data).stem}-covariates"
+    write_selection(result, out)
+    c = count_parameters(result.selected.model)
+    print(f"selected: {result.selected.label} ({len(c.random)} parameters x log N, {len(c.fixed)} x log N_tot)",
+          flush=True)
     return out

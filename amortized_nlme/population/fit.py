@@ -25,8 +25,8 @@ import pypesto.startpoint
 from scipy import stats
 from threadpoolctl import threadpool_limits
 
-from amortized_nlme.objective import DrawSet, ObjectiveDiagnostics, PopulationObjective
-from amortized_nlme.population import PopulationModel
+from amortized_nlme.population.model import PopulationModel
+from amortized_nlme.population.objective import DrawSet, ObjectiveDiagnostics, PopulationObjective
 
 logger = logging.getLogger(__name__)
 

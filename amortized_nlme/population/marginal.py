@@ -40,7 +40,7 @@ import numpy as np
 from scipy.special import gammaln, logsumexp
 
 from amortized_nlme.model import Design, IndividualModel, take_design
-from amortized_nlme.population import PopulationModel, whiten_inverse
+from amortized_nlme.population.model import PopulationModel, whiten_inverse
 
 logger = logging.getLogger(__name__)
 

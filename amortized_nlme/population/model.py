@@ -27,9 +27,7 @@ objective's diagnostics report per-individual effective sample sizes. h is never
 
 from __future__ import annotations
 
-import json
 import logging
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,22 +37,12 @@ import numpy as np
 from scipy.linalg import solve_triangular
 
 from amortized_nlme.model import NormalPrior
+from amortized_nlme.provenance import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 #: default kernel width (log scale) for parameters without random effect, see the module docstring
 DEFAULT_FIXED_STD = 0.05
-
-
-def dummy_columns(values: Sequence[Any] | np.ndarray, name: str, reference: Any | None = None) -> dict[str, np.ndarray]:
-    """0/1 dummy columns ``<name>_<level>`` for a categorical covariate, leaving out ``reference`` (default: first level)."""
-    values = np.asarray(values)
-    levels = sorted(set(values.tolist()), key=str)
-    if reference is None:
-        reference = levels[0]
-    if reference not in levels:
-        raise ValueError(f"reference level {reference!r} of {name!r} does not occur; levels are {levels}")
-    return {f"{name}_{lvl}": (values == lvl).astype(np.float64) for lvl in levels if lvl != reference}
 
 
 @dataclass(frozen=True)
@@ -429,28 +417,17 @@ class PopulationModel:
         return model
 
     @classmethod
-    def load(cls, path: str | Path, prior: NormalPrior | None = None) -> "PopulationModel":
-        """Read a ``.toml`` or ``.json`` config a user wrote (``[groups]`` table with ``column``, ``levels``,
-        ``specific`` is accepted as a shorthand)."""
-        path = Path(path)
-        text = path.read_text()
-        try:
-            cfg = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: cannot parse population model config: {exc}") from exc
-        if isinstance(cfg.get("groups"), Mapping):
-            g = dict(cfg.pop("groups"))
-            cfg["groups"] = g.get("levels", [])
-            cfg["group_column"] = g.get("column")
-            cfg["group_specific"] = g.get("specific", [])
-        try:
-            return cls.from_dict(cfg, prior)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"{path}: {exc}") from exc
+    def load(cls, path: str | Path, prior: NormalPrior) -> "PopulationModel":
+        """Read a population-model file (TOML/JSON, the schema of :class:`~amortized_nlme.config.PopulationConfig`)
+        whose group levels, if any, are listed in the file; covariates refer to covariate column names."""
+        from amortized_nlme.config import load_population
+        from amortized_nlme.population.covariates import population_from_config
+
+        return population_from_config(load_population(path), prior, group_levels=None, where=str(path))
 
     def save(self, path: str | Path) -> None:
         """Write :meth:`to_dict` as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        write_json_atomic(path, self.to_dict())
 
 
 def whiten_inverse(L: np.ndarray) -> np.ndarray:

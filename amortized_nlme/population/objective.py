@@ -29,7 +29,7 @@ import numba as nb
 import numpy as np
 
 from amortized_nlme.model import NormalPrior
-from amortized_nlme.population import PopulationModel, whiten_inverse
+from amortized_nlme.population.model import PopulationModel, whiten_inverse
 
 logger = logging.getLogger(__name__)
 

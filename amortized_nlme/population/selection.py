@@ -8,7 +8,7 @@ elimination, as in SCM, with BICc instead of likelihood-ratio tests).
 Ranking uses the amortized objective: BICc_rel = 2 J(theta_hat) + penalty, where J = -log p(D | theta) + C with one
 constant C shared by every population model fitted to the same draws, so differences of BICc_rel are differences of
 BICc. The chosen model, the next best, the base model and every model within the objective's Monte-Carlo error of the
-best then get an absolute log-likelihood by importance sampling (:mod:`amortized_nlme.marginal`), which makes their
+best then get an absolute log-likelihood by importance sampling (:mod:`amortized_nlme.population.marginal`), which makes their
 -2LL/AIC/BIC/BICc comparable with other tools; the final choice among them is by that BICc.
 Each fit uses few starts: the posterior-median guess, the estimate of the best already fitted nested model (one
 relation fewer) mapped into the new layout, and seeded random starts.
@@ -17,7 +17,6 @@ relation fewer) mapped into the new layout, and seeded random starts.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import time
@@ -28,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from amortized_nlme.files import json_default
-from amortized_nlme.fit import fit
-from amortized_nlme.marginal import ImportanceSampler, MarginalLikelihood, count_parameters, penalty_bicc
-from amortized_nlme.objective import DrawSet
-from amortized_nlme.population import PopulationModel
+from amortized_nlme.population.fit import fit
+from amortized_nlme.population.marginal import ImportanceSampler, MarginalLikelihood, penalty_bicc
+from amortized_nlme.population.model import PopulationModel
+from amortized_nlme.population.objective import DrawSet
+from amortized_nlme.provenance import to_json
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +253,7 @@ def select_covariates(
     them by that BICc.
 
     ``parameters``: which individual parameters may get covariates (default: those with a random effect);
-    ``n_observations``: N_tot for BICc (see :func:`amortized_nlme.marginal.count_observations`).
+    ``n_observations``: N_tot for BICc (see :func:`amortized_nlme.population.marginal.count_observations`).
     """
     t0 = time.perf_counter()
     columns = covariate_columns(candidates, covariates)
@@ -411,7 +410,7 @@ def write_selection(result: SelectionResult, out_dir: str | Path) -> Path:
     """Write ``selection.json``, ``selection.md`` and ``selection.png`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "selection.json").write_text(json.dumps(result.to_dict(), indent=2, default=json_default))
+    (out / "selection.json").write_text(to_json(result.to_dict()))
     sel = result.selected
     lines = [f"# Covariate selection ({result.strategy})", "",
              f"Selected: **{sel.label}** — {result.n_fits} fits in {result.time_s:.1f} s "
@@ -425,27 +424,3 @@ def write_selection(result: SelectionResult, out_dir: str | Path) -> Path:
     (out / "selection.md").write_text("\n".join(lines))
     plot_selection(result, out / "selection.png")
     return out
-
-
-def run_selection_cli(args: Any) -> int:
-    """``amortized-nlme select-covariates``: load data, estimator and draws through :mod:`amortized_nlme.infer`, run
-    the selection, write ``selection.{json,md,png}`` into ``--out`` and print that folder."""
-    from amortized_nlme.infer import InferenceOptions, prepare_inference
-    from amortized_nlme.marginal import count_observations
-
-    opts = InferenceOptions(model=args.model, data=args.data, population=args.pop, estimator=args.estimator,
-                            out=args.out, config=args.config, n_draws=args.draws, seed=args.seed)
-    ctx = prepare_inference(opts)
-    n_obs = count_observations(ctx.observations, ctx.design)
-    sampler = ImportanceSampler(ctx.model, ctx.estimator, ctx.observations, ctx.design,
-                                n_draws=max(1000, ctx.drawset.M), pilot_draws=ctx.drawset.draws, seed=args.seed)
-    result = select_covariates(ctx.population, ctx.drawset, ctx.covariates, args.covariates, n_obs,
-                               parameters=args.parameters, groups=ctx.groups, strategy=args.strategy,
-                               seed=args.seed, sampler=sampler)
-    out = Path(args.out) if args.out else Path("results") / f"{args.model}-{Path(args.data).stem}-covariates"
-    write_selection(result, out)
-    c = count_parameters(result.selected.model)
-    print(f"selected: {result.selected.label} ({len(c.random)} parameters x log N, {len(c.fixed)} x log N_tot)",
-          flush=True)
-    print(out)
-    return 0

@@ -23,8 +23,9 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from amortized_nlme.errors import SimulationError
 from amortized_nlme.model import Design, IndividualModel
-from amortized_nlme.store import SimulationStore, StoreError, StoreWriter, chunk_bounds, partial_path
+from amortized_nlme.simulation.store import SimulationStore, StoreError, StoreWriter, chunk_bounds, partial_path
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +33,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_ROUNDS = 20
 DEFAULT_CHUNK_SIZE = 16384
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-class SimulationError(RuntimeError):
-    """Simulations keep failing (non-finite output) after the allowed redraw rounds."""
 
 
 def _observed_mask(mask: np.ndarray, observations: np.ndarray) -> np.ndarray:

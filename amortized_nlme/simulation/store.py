@@ -12,7 +12,7 @@ Layout of ``simulations/<model>.h5``::
            package_version, chunk_size, n_total, n_chunks, n_failed, created (JSON), complete
 
 Chunk ``c`` holds rows ``[c * chunk_size, min((c + 1) * chunk_size, N))`` and is generated from its own RNG
-``np.random.default_rng([seed, c])`` (see :func:`amortized_nlme.simulate.compute_chunk`), so chunks can be computed in
+``np.random.default_rng([seed, c])`` (see :func:`amortized_nlme.simulation.simulate.compute_chunk`), so chunks can be computed in
 any order, anywhere, and written by index with :meth:`StoreWriter.write_chunk`. The writer works on
 ``<final>.partial`` and renames it to the final name only once every chunk is done.
 """
@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 
 from amortized_nlme import __version__
+from amortized_nlme.errors import StoreError
 from amortized_nlme.model import Design, IndividualModel
 
 logger = logging.getLogger(__name__)
@@ -47,10 +48,6 @@ _H5_DESIGN_CHUNK_BYTES = 64 << 10
 _READ_CACHE_BYTES = 64 << 20
 #: attributes that must agree before a partial file is resumed
 _RESUME_KEYS = ("model_name", "model_version", "seed", "n_total", "chunk_size", "prior_spec")
-
-
-class StoreError(RuntimeError):
-    """A simulation store that cannot be used as asked (mismatch, incomplete, corrupt); the message says why."""
 
 
 def partial_path(path: str | os.PathLike) -> Path:

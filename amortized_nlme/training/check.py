@@ -3,7 +3,6 @@ its simultaneous 95% band), parameter recovery and posterior contraction, with B
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -11,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from amortized_nlme.estimator import META_FILE, TrainedEstimator
-from amortized_nlme.files import write_json_atomic
+from amortized_nlme.posterior.estimator import META_FILE, TrainedEstimator
+from amortized_nlme.provenance import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ def run_check(estimator: TrainedEstimator, n_simulations: int = 1000, n_draws: i
     calibration numbers; writes plots and (optionally) the numbers into the estimator's ``meta.json``."""
     import bayesflow as bf
 
-    from amortized_nlme.simulate import simulate_batch
+    from amortized_nlme.simulation import simulate_batch
 
     model = estimator.model
     rng = np.random.default_rng([seed, 99])
@@ -110,7 +109,7 @@ def run_check(estimator: TrainedEstimator, n_simulations: int = 1000, n_draws: i
                                                                 "z_score_contraction.png")]
     if write_meta and estimator.path is not None:
         meta_path = estimator.path / META_FILE
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, "estimator metadata")
         meta["diagnostics"] = result
         write_json_atomic(meta_path, meta)
     logger.info("calibration check %s: %s", "passed" if result["passed"] else "FAILED",

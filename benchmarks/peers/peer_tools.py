@@ -30,6 +30,7 @@ import pandas as pd
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+THEO_SAEMIX_POP = REPO / "workflows" / "populations" / "theo_saemix.toml"  # reader options of the saemix layout
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -296,13 +297,14 @@ def fit_ours(data_csv: Path, work: Path, estimator: Path, marginal: bool = False
     cache (a fresh cache folder per fit). The importance-sampling -2LL (``marginal``) is off unless asked for (the
     peers' timings do not include one either). ``fit_s``: the whole ``run_inference`` call (estimator loading,
     posterior draws, multistart fit, Wald SEs, the -2LL when on, writing the results folder with its plots)."""
-    from amortized_nlme.infer import InferenceOptions, run_inference
+    from amortized_nlme.inference.pipeline import InferenceOptions, run_inference
 
     out = work / "ours_results"
     cache = work / "ours_draws_cache"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
-    opts = InferenceOptions(model="pk_oral_1cmt", data=str(data_csv), population=None, estimator=str(estimator),
+    opts = InferenceOptions(model="pk_oral_1cmt", data=str(data_csv), population=str(THEO_SAEMIX_POP),
+                            estimator=str(estimator),
                             out=str(out), n_starts=10, profiles=False, mc_refits=0, cache_dir=str(cache),
                             marginal="on" if marginal else "off", likelihood=likelihood)
     t0 = time.perf_counter()
@@ -466,12 +468,12 @@ def common_minus2ll(data_csv: Path, work: Path, estimator: Path, estimates: dict
     """-2LL of every tool's estimate under one yardstick: amortized-nlme's importance-sampling estimate of the exact
     marginal likelihood (posterior/population/t mixture proposal, ``n_draws`` per individual), the additive sd with
     the same narrow kernel as in our fit. Returns ``{tool: [-2LL, Monte-Carlo SE]}``."""
-    from amortized_nlme.infer import InferenceOptions, prepare_inference
-    from amortized_nlme.marginal import ImportanceSampler
+    from amortized_nlme.inference.pipeline import InferenceOptions, prepare_inference
+    from amortized_nlme.population.marginal import ImportanceSampler
 
     cache = work / "is2ll_draws_cache"
     ctx = prepare_inference(InferenceOptions(model="pk_oral_1cmt", data=str(data_csv), estimator=str(estimator),
-                                             cache_dir=str(cache)))
+                                             population=str(THEO_SAEMIX_POP), cache_dir=str(cache)))
     sampler = ImportanceSampler(ctx.model, ctx.estimator, ctx.observations, ctx.design, n_draws=n_draws,
                                 pilot_draws=ctx.drawset.draws, seed=0)
     value = {"beta_ka": ("beta_ka", False), "beta_ke": ("beta_ke", False), "beta_V": ("beta_V", False),
