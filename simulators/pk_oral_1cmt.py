@@ -161,10 +161,13 @@ class PkOral1Cmt(IndividualModel):
         for i in range(n):
             rows = data.source_rows[i] if data.source_rows else np.empty(0, dtype=int)
             where = f"{data.path}: ID {data.ids[i]}" + (f" (rows {int(rows[0])}-{int(rows[-1])})" if rows.size else "")
-            doses = np.asarray(data.doses[i], dtype=np.float64).reshape(-1, 3)
+            doses = np.atleast_2d(np.asarray(data.doses[i], dtype=np.float64))
             if doses.shape[0] != 1:
                 raise DataError(f"{where}, column AMT: {self.name} needs exactly one dose per individual, "
                                 f"got {doses.shape[0]}")
+            if doses.shape[1] > 4 and (doses[0, 3] != 0.0 or doses[0, 4] != 0.0):  # duration, ss (DOSE_COLUMNS)
+                raise DataError(f"{where}, column {'RATE' if doses[0, 3] != 0.0 else 'SS'}: {self.name} needs a "
+                                "single oral bolus dose, got an infusion or a steady-state dose")
             if doses[0, 0] != 0.0:
                 raise DataError(f"{where}, column TIME: the dose must be at time 0 (got {doses[0, 0]:g}); "
                                 "shift times so that TIME is time after dose")

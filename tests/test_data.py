@@ -78,7 +78,7 @@ def test_froehlich_reads_all_cells(froehlich: Dataset) -> None:
     assert all(np.allclose(t, grid, atol=1e-5) for t in froehlich.times[:50])
     assert froehlich.times[0][0] == pytest.approx(1 / 6, abs=1e-5)
     assert froehlich.times[-1][-1] == pytest.approx(30.0)
-    assert all(d.shape == (0, 3) for d in froehlich.doses[:10])
+    assert all(d.shape == (0, 7) for d in froehlich.doses[:10])
     assert list(froehlich.covariates.columns) == ["EXPERIMENT"]
     assert sorted(froehlich.covariates["EXPERIMENT"].unique()) == ["20160427", "20160513", "20160603"]
     assert froehlich.covariates.index[0] == froehlich.ids[0] == "1"
@@ -105,7 +105,7 @@ def test_theophylline_doses_in_mg(path: Path) -> None:
     assert data.n_individuals == 12
     assert data.ids == [str(i) for i in range(1, 13)]
     doses = np.array([d[0, 1] for d in data.doses])
-    assert all(d.shape == (1, 3) and d[0, 0] == 0.0 and d[0, 2] == 1 for d in data.doses)
+    assert all(d.shape == (1, 7) and d[0, 0] == 0.0 and d[0, 2] == 1 for d in data.doses)
     assert doses[0] == pytest.approx(320.0, abs=0.01)  # 4.02 mg/kg * 79.6 kg
     weight = "Wt" if path == THEOPH else "Weight"
     assert data.covariates[weight].iloc[0] == pytest.approx(79.6)
@@ -147,8 +147,8 @@ def test_nonmem_dose_records_mdv_skip_and_obs_types(tmp_path: Path, caplog: pyte
     with caplog.at_level(logging.WARNING, logger="amortized_nlme.data"):
         data = read_dataset(path, covariates=["WT", "sex"], n_obs_types=2)
     assert data.ids == ["A", "B"]
-    np.testing.assert_allclose(data.doses[0], [[0, 100, 1], [12, 50, 1]])
-    np.testing.assert_allclose(data.doses[1], [[0, 200, 1]])
+    np.testing.assert_allclose(data.doses[0][:, :3], [[0, 100, 1], [12, 50, 1]])
+    np.testing.assert_allclose(data.doses[1][:, :3], [[0, 200, 1]])
     np.testing.assert_allclose(data.times[0], [0.5, 1, 13])
     np.testing.assert_allclose(data.dv[1], [0.9, 0.1])
     assert data.obs_type_labels == ["2", "3"]
@@ -273,7 +273,9 @@ def test_ragged_row_is_wrapped(tmp_path: Path) -> None:
 
 
 def test_amt_on_observation_row(tmp_path: Path) -> None:
-    path = write(tmp_path, "ID,TIME,DV,AMT\n1,0,1,0\n1,1,2,10\n")
+    # without MDV, NM-TRAN reads AMT > 0 as a dose record whatever DV holds (see test_nonmem_reader.py); with MDV=0
+    # the record claims to be both an observation and a dose, which NONMEM refuses
+    path = write(tmp_path, "ID,TIME,DV,AMT,MDV\n1,0,1,0,0\n1,1,2,10,0\n")
     raises(path, 3, "AMT", "expected a dose record")
 
 

@@ -4,7 +4,7 @@ Public API: :func:`read_dataset` (one reader for every model; options from a :cl
 :class:`Dataset` (validated per-individual records), :class:`ColumnMap` (which file column plays which role).
 """
 
-from amortized_nlme.data.reader import ColumnMap, Dataset, read_dataset
+from amortized_nlme.data.reader import DOSE_COLUMNS, ColumnMap, Dataset, read_dataset
 from amortized_nlme.errors import DataError
 
-__all__ = ["ColumnMap", "DataError", "Dataset", "read_dataset"]
+__all__ = ["DOSE_COLUMNS", "ColumnMap", "DataError", "Dataset", "read_dataset"]
