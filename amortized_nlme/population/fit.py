@@ -27,6 +27,7 @@ from threadpoolctl import threadpool_limits
 
 from amortized_nlme.population.model import PopulationModel
 from amortized_nlme.population.objective import DrawSet, ObjectiveDiagnostics, PopulationObjective
+from amortized_nlme.population.residual import residual_start
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,8 @@ def fit(
     profile-likelihood CIs at the best point."""
     t0 = time.perf_counter()
     objective = PopulationObjective(model, draws, covariates, groups)
-    guesses = [model.initial_guess(draws.draws, covariates, groups)] if initial_guess else []
+    start = None if model.residual is None else residual_start(draws.errors, model.residual.kind)
+    guesses = [model.initial_guess(draws.draws, covariates, groups, residual_start=start)] if initial_guess else []
     guesses += [np.asarray(g, dtype=np.float64) for g in (x_guesses or [])]
     problem = make_problem(objective, guesses or None, seed)
     logger.info(

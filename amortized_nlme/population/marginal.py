@@ -86,9 +86,13 @@ def count_parameters(population: PopulationModel) -> ParameterCount:
     (``nbeta.random`` / ``nbeta.fixed``) and Monolix documents.
     """
     random_p = set(population.random_effects)
+    residual = set(population.residual.theta_names) if population.residual is not None else set()
     rnd: list[str] = []
     fix: list[str] = []
     for name in population.parameter_names:
+        if name in residual:  # residual-error sds: estimated from all observations
+            fix.append(name)
+            continue
         if name.startswith("beta_"):
             p = name[len("beta_"):].split("[", 1)[0]
         elif name.startswith("B_"):

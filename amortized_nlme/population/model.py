@@ -37,6 +37,7 @@ import numpy as np
 from scipy.linalg import solve_triangular
 
 from amortized_nlme.model import NormalPrior
+from amortized_nlme.population.residual import ResidualError
 from amortized_nlme.provenance import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class PopulationModel:
         group_column: str | None = None,
         fixed_std: Mapping[str, float] | float | None = None,
         bound_sd: float = 4.0,
+        residual: ResidualError | None = None,
     ) -> None:
         names = tuple(prior.names)
         self.prior = prior
@@ -127,6 +129,12 @@ class PopulationModel:
         if any(v <= 0 for v in self.fixed_std.values()):
             raise ValueError("fixed_std must be positive")
         self.bound_sd = float(bound_sd)
+        if residual is not None and set(residual.names) & set(names):
+            raise ValueError(f"residual-error parameters {list(residual.names)} are population parameters; they must "
+                             "not also be individual parameters")
+        #: residual-error sds estimated as population parameters through the exact likelihood (None: the individual
+        #: model's error parameters, if any, are individual parameters like the others)
+        self.residual = residual
         self._build_layout()
 
     # ------------------------------------------------------------------ layout
@@ -172,6 +180,9 @@ class PopulationModel:
             self._chol_rows = np.array(rows, dtype=np.int64)
             self._chol_cols = np.array(cols, dtype=np.int64)
             self._chol_log = np.array(logs, dtype=bool)
+        self.n_cov_end = len(theta_names)  # theta[n_mean:n_cov_end]: the Omega (Cholesky) parameters
+        if self.residual is not None:
+            theta_names += list(self.residual.theta_names)
         self.parameter_names: tuple[str, ...] = tuple(theta_names)
         self._fixed_pos = np.array([names.index(p) for p in self.fixed_std], dtype=np.int64)
         self._fixed_val = np.array(list(self.fixed_std.values()), dtype=np.float64)
@@ -189,6 +200,7 @@ class PopulationModel:
     def replace(self, **changes: Any) -> "PopulationModel":
         """A new model with some options changed (e.g. ``covariance="full"``); the draws are untouched."""
         cfg = self._options()
+        cfg["residual"] = self.residual
         cfg.update(changes)
         return PopulationModel(self.prior, **cfg)
 
@@ -202,6 +214,7 @@ class PopulationModel:
             "group_column": self.group_column,
             "fixed_std": dict(self.fixed_std),
             "bound_sd": self.bound_sd,
+            "residual": None if self.residual is None else self.residual.to_dict(),
         }
 
     def __repr__(self) -> str:
@@ -211,16 +224,16 @@ class PopulationModel:
     def cholesky(self, theta: np.ndarray) -> np.ndarray:
         """Full ``[k, k]`` lower-triangular factor of the covariance (fixed-std rows included)."""
         L = np.zeros((self.k, self.k))
-        vals = np.asarray(theta[self.n_mean :], dtype=np.float64)
+        vals = np.asarray(theta[self.n_mean : self.n_cov_end], dtype=np.float64)
         L[self._chol_rows, self._chol_cols] = np.where(self._chol_log, np.exp(vals), vals)
         L[self._fixed_pos, self._fixed_pos] = self._fixed_val
         return L
 
     def chol_grad(self, theta: np.ndarray, dL: np.ndarray, out: np.ndarray) -> None:
         """Write d/dtheta of the covariance part into ``out`` given ``dL`` = d/dL_full (lower triangle used)."""
-        vals = np.asarray(theta[self.n_mean :], dtype=np.float64)
+        vals = np.asarray(theta[self.n_mean : self.n_cov_end], dtype=np.float64)
         g = dL[self._chol_rows, self._chol_cols]
-        out[self.n_mean :] = np.where(self._chol_log, g * np.exp(vals), g)
+        out[self.n_mean : self.n_cov_end] = np.where(self._chol_log, g * np.exp(vals), g)
 
     def covariance_matrix(self, theta: np.ndarray) -> np.ndarray:
         """Omega over the random-effect parameters ``[q, q]``."""
@@ -281,9 +294,12 @@ class PopulationModel:
             lb[self._cov_index[p]] = -self.bound_sd * s[p]
             ub[self._cov_index[p]] = self.bound_sd * s[p]
         rows = self._chol_rows
-        sl = slice(self.n_mean, None)
+        sl = slice(self.n_mean, self.n_cov_end)
         lb[sl] = np.where(self._chol_log, np.log(s[rows] / 100.0), -2.0 * s[rows])
         ub[sl] = np.where(self._chol_log, np.log(2.0 * s[rows]), 2.0 * s[rows])
+        if self.residual is not None:
+            c, w = np.asarray(self.residual.center), np.asarray(self.residual.scale)
+            lb[self.n_cov_end:], ub[self.n_cov_end:] = c - 4.0 * w, c + 4.0 * w
         return lb, ub
 
     def init_bounds(self) -> tuple[np.ndarray, np.ndarray]:
@@ -297,9 +313,12 @@ class PopulationModel:
             lb[self._cov_index[p]] = -s[p]
             ub[self._cov_index[p]] = s[p]
         rows = self._chol_rows
-        sl = slice(self.n_mean, None)
+        sl = slice(self.n_mean, self.n_cov_end)
         lb[sl] = np.where(self._chol_log, np.log(s[rows] / 20.0), -0.3 * s[rows])
         ub[sl] = np.where(self._chol_log, np.log(s[rows]), 0.3 * s[rows])
+        if self.residual is not None:
+            c, w = np.asarray(self.residual.center), np.asarray(self.residual.scale)
+            lb[self.n_cov_end:], ub[self.n_cov_end:] = c - 1.5 * w, c + 1.5 * w
         return lb, ub
 
     # ------------------------------------------------------------ start point
@@ -308,9 +327,11 @@ class PopulationModel:
         draws: np.ndarray,
         covariates: Mapping[str, np.ndarray] | None = None,
         groups: np.ndarray | Sequence[Any] | None = None,
+        residual_start: np.ndarray | None = None,
     ) -> np.ndarray:
         """Moment-based theta from individual posterior draws ``[n, M, k]``: least squares of posterior medians on
-        the mean design; Omega from the residual covariance minus the mean posterior variance; clipped to bounds."""
+        the mean design; Omega from the residual covariance minus the mean posterior variance; the residual-error
+        parameters at ``residual_start`` (log sds; default the centre of their range); clipped to bounds."""
         draws = np.asarray(draws)
         n = draws.shape[0]
         med = np.median(draws, axis=1)
@@ -330,11 +351,11 @@ class PopulationModel:
             C = np.atleast_2d(np.cov(resid[:, re], rowvar=False)) if n > 1 else np.eye(re.size)
             raw = np.diag(C).copy()
             var = np.maximum(raw - post_var[re], 0.25 * raw)
-            s_lo = np.exp(lb[self.n_mean :][self._chol_log])
-            s_hi = np.exp(ub[self.n_mean :][self._chol_log])
+            s_lo = np.exp(lb[self.n_mean : self.n_cov_end][self._chol_log])
+            s_hi = np.exp(ub[self.n_mean : self.n_cov_end][self._chol_log])
             sd = np.clip(np.sqrt(np.maximum(var, 0.0)), s_lo * 1.5, s_hi / 1.5)
             if self.covariance == "diagonal":
-                theta[self.n_mean :] = np.log(sd)
+                theta[self.n_mean : self.n_cov_end] = np.log(sd)
             else:
                 d = np.sqrt(np.maximum(raw, 1e-300))
                 R = C / np.outer(d, d)
@@ -344,7 +365,10 @@ class PopulationModel:
                 for a in range(re.size):
                     for b in range(a + 1):
                         vals.append(np.log(Lq[a, a]) if a == b else Lq[a, b])
-                theta[self.n_mean :] = vals
+                theta[self.n_mean : self.n_cov_end] = vals
+        if self.residual is not None:
+            start = np.asarray(self.residual.center if residual_start is None else residual_start, dtype=np.float64)
+            theta[self.n_cov_end:] = start
         return np.clip(theta, lb + 1e-6 * (ub - lb), ub - 1e-6 * (ub - lb))
 
     def with_fixed_std_from_draws(self, draws: np.ndarray, fraction: float = 0.2) -> "PopulationModel":
@@ -379,6 +403,9 @@ class PopulationModel:
             "omega_sd": {p: float(v) for p, v in zip(self.random_effects, sd)},
             "fixed_std": dict(self.fixed_std),
         }
+        if self.residual is not None:
+            out["residual_sd"] = {n: float(np.exp(v)) for n, v in zip(self.residual.names, theta[self.n_cov_end:])}
+            out["residual_kind"] = self.residual.kind
         if self.covariance == "full":
             out["correlation"] = {
                 "names": list(self.random_effects),
@@ -406,11 +433,13 @@ class PopulationModel:
             prior = NormalPrior.from_spec(spec)
         allowed = {
             "random_effects", "covariance", "covariates", "group_specific", "groups", "group_column", "fixed_std",
-            "bound_sd",
+            "bound_sd", "residual",
         }
         unknown = sorted(set(cfg) - allowed)
         if unknown:
             raise ValueError(f"unknown population model options {unknown}; allowed are {sorted(allowed)}")
+        if isinstance(cfg.get("residual"), Mapping):
+            cfg["residual"] = ResidualError.from_dict(cfg["residual"])
         model = cls(prior, **cfg)
         if config.get("parameter_names") is not None and list(config["parameter_names"]) != list(model.parameter_names):
             raise ValueError("stored parameter_names do not match the layout this config produces")

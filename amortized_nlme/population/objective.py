@@ -30,6 +30,7 @@ import numpy as np
 
 from amortized_nlme.model import NormalPrior
 from amortized_nlme.population.model import PopulationModel, whiten_inverse
+from amortized_nlme.population.residual import ErrorStatistics, draw_loglik, draw_logliks
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +47,12 @@ class DrawSet:
     """
 
     def __init__(self, draws: np.ndarray, prior: NormalPrior, ids: Sequence[Any] | None = None,
-                 log_prior: np.ndarray | None = None, kind: str = "amortized") -> None:
-        """``log_prior`` and ``kind`` carry over the weights of draws that already have them (subsets, extensions);
-        by default the prior density is evaluated here and the weights are 1 / p(phi)."""
+                 log_prior: np.ndarray | None = None, kind: str = "amortized",
+                 errors: ErrorStatistics | None = None) -> None:
+        """``log_prior`` (the log of each draw's weight denominator) and ``kind`` carry over the weights of draws that
+        already have them (subsets, extensions); by default the prior density is evaluated here and the weights are
+        1 / p(phi). ``errors``: per-draw statistics of the residuals, for population-level residual-error parameters
+        (see :mod:`amortized_nlme.population.residual`)."""
         draws = np.asarray(draws, dtype=np.float64)
         if draws.ndim != 3 or draws.shape[2] != prior.dim:
             raise ValueError(f"draws must have shape [n, M, {prior.dim}], got {draws.shape}")
@@ -71,12 +75,16 @@ class DrawSet:
         self.phi_t = np.ascontiguousarray(np.swapaxes(draws, 1, 2), dtype=np.float32)
         #: "amortized": weights 1 / p(phi) (J = -log p(D | theta) + const); "likelihood": see with_likelihood
         self.kind = kind
+        if errors is not None and errors.M != draws.shape[1]:
+            raise ValueError(f"error statistics for {errors.M} draws, but {draws.shape[1]} draws")
+        self.errors = errors
         logger.debug("draw set: %d individuals x %d draws x %d parameters", *draws.shape)
 
     def take_draws(self, index: slice | np.ndarray) -> "DrawSet":
         """The same individuals with a subset of their draws and the same kind of weights (disjoint subsets are
         independent draw sets, e.g. for the Monte-Carlo error of the estimates)."""
-        return DrawSet(self.draws[:, index], self.prior, self.ids, self.log_prior[:, index], self.kind)
+        errors = None if self.errors is None else self.errors.take_draws(index)
+        return DrawSet(self.draws[:, index], self.prior, self.ids, self.log_prior[:, index], self.kind, errors)
 
     @classmethod
     def concatenate(cls, parts: Sequence["DrawSet"]) -> "DrawSet":
@@ -86,10 +94,25 @@ class DrawSet:
             raise ValueError("nothing to concatenate")
         first = parts[0]
         for p in parts[1:]:
-            if p.n != first.n or p.k != first.k or p.kind != first.kind or p.ids != first.ids:
+            if (p.n != first.n or p.k != first.k or p.kind != first.kind or p.ids != first.ids
+                    or (p.errors is None) != (first.errors is None)):
                 raise ValueError("draw sets to concatenate must have the same individuals, parameters and weights")
+        errors = None if first.errors is None else ErrorStatistics.concatenate([p.errors for p in parts])
         return cls(np.concatenate([p.draws for p in parts], axis=1), first.prior, first.ids,
-                   np.concatenate([p.log_prior for p in parts], axis=1), first.kind)
+                   np.concatenate([p.log_prior for p in parts], axis=1), first.kind, errors)
+
+    def replace_individuals(self, rows: np.ndarray, other: "DrawSet") -> "DrawSet":
+        """This draw set with the draws (and weights) of individuals ``rows`` taken from ``other``, a draw set of
+        those individuals with the same number of draws (e.g. draws from a refined proposal)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if other.n != rows.size or other.M != self.M or other.k != self.k or other.kind != self.kind:
+            raise ValueError("replacement draws must cover the given individuals with as many draws and parameters")
+        draws, log_prior = self.draws.copy(), self.log_prior.copy()
+        draws[rows], log_prior[rows] = other.draws, other.log_prior
+        errors = None
+        if self.errors is not None:
+            errors = self.errors.replace_individuals(rows, other.errors)
+        return DrawSet(draws, self.prior, self.ids, log_prior, self.kind, errors)
 
     @classmethod
     def with_likelihood(cls, draws: np.ndarray, prior: NormalPrior, log_q: np.ndarray, log_lik: np.ndarray,
@@ -155,6 +178,18 @@ def _kernel_impl(
     zbar: np.ndarray,
     sum_a2: np.ndarray,
     S_chunks: np.ndarray,
+    err_mode: int,
+    err_kind: int,
+    sd_add: float,
+    sd_prop: float,
+    n_obs: np.ndarray,
+    ssr: np.ndarray,
+    slf: np.ndarray,
+    y: np.ndarray,
+    observed: np.ndarray,
+    censored: np.ndarray,
+    f: np.ndarray,
+    gerr_chunks: np.ndarray,
 ) -> None:
     n, k, M = phi_t.shape
     n_chunks = S_chunks.shape[0]
@@ -165,15 +200,26 @@ def _kernel_impl(
         z = np.empty((k, M))
         wz = np.empty(M)
         s = np.empty(M)
+        de = np.zeros((2, M))
+        g2 = np.zeros(2)
         S = S_chunks[c]
         for a in range(k):
             for b in range(k):
                 S[a, b] = 0.0
+        gerr_chunks[c, 0] = 0.0
+        gerr_chunks[c, 1] = 0.0
         for i in range(i0, i1):
             x = phi_t[i]
             lp = log_prior[i]
             for j in range(M):
                 s[j] = const - lp[j]
+            # population-level residual error: the exact log-likelihood of each draw at the current sds
+            if err_mode != 0:
+                for j in range(M):
+                    s[j] += draw_loglik(err_mode, err_kind, i, j, sd_add, sd_prop, n_obs, ssr, slf, y, observed,
+                                        censored, f, g2)
+                    de[0, j] = g2[0]
+                    de[1, j] = g2[1]
             # whitened residuals z = A (phi - mu) and log weights log N(phi; mu, Sigma) - log p(phi)
             for a in range(k):
                 za = z[a]
@@ -201,6 +247,12 @@ def _kernel_impl(
             mx = s[0]
             for j in range(1, M):
                 mx = max(mx, s[j])
+            if not mx > -np.inf:  # no draw carries weight: p(y_i | theta) estimated as 0
+                ll[i] = -np.inf
+                sum_a2[i] = 1.0
+                for a in range(k):
+                    zbar[i, a] = 0.0
+                continue
             tot = 0.0
             for j in range(M):
                 e = _exp_nonpos(s[j] - mx)
@@ -213,6 +265,10 @@ def _kernel_impl(
                 s[j] *= inv
                 a2 += s[j] * s[j]
             sum_a2[i] = a2
+            if err_mode != 0 and want_grad:
+                for j in range(M):
+                    gerr_chunks[c, 0] += s[j] * de[0, j]
+                    gerr_chunks[c, 1] += s[j] * de[1, j]
             for a in range(k):
                 za = z[a]
                 acc = 0.0
@@ -300,7 +356,16 @@ class PopulationObjective:
         self._zbar = np.empty((n, k))
         self._sum_a2 = np.empty(n)
         self._S = np.empty((max(1, n_chunks), k, k))
+        self._gerr = np.zeros((max(1, n_chunks), 2))
         self._diag = model.covariance == "diagonal"
+        if (model.residual is None) != (draws.errors is None):
+            raise ValueError("the population model has residual-error parameters but the draws carry no residual "
+                             "statistics (or the other way round): build the draws for this population model")
+        if model.residual is not None and draws.errors.kind != model.residual.kind:
+            raise ValueError(f"draws carry {draws.errors.kind} residual statistics, the population model fits a "
+                             f"{model.residual.kind} error")
+        self._err_codes = (0, 0) if draws.errors is None else draws.errors.codes()
+        self._no_err = ErrorStatistics("additive", "sufficient", n_obs=np.zeros(1), ssr=np.zeros((1, 1)))
         self.n_evaluations = 0
 
     @property
@@ -315,9 +380,13 @@ class PopulationObjective:
         L = self.model.cholesky(theta)
         A = whiten_inverse(L)
         const = -float(np.sum(np.log(np.diag(L)))) - 0.5 * self.draws.k * _LOG_2PI
+        e = self.draws.errors if self.draws.errors is not None else self._no_err
+        sd_add, sd_prop = self.residual_sds(theta)
         self._kernel(
             self.draws.phi_t, self.draws.log_prior, mu, A, const, self._diag, want_grad,
             self._ll, self._zbar, self._sum_a2, self._S,
+            self._err_codes[0], self._err_codes[1], sd_add, sd_prop, e.n_obs, e.ssr, e.sum_log_f, e.y, e.observed,
+            e.censored, e.f, self._gerr,
         )
         self.n_evaluations += 1
         return L, A
@@ -341,7 +410,17 @@ class PopulationObjective:
         S = np.tril(S) + np.tril(S, -1).T
         dL = -(np.tril(A.T @ S) - n * np.diag(1.0 / np.diag(L)))
         self.model.chol_grad(theta, dL, grad)
+        if self.model.residual is not None:
+            g = self._gerr.sum(axis=0)
+            kind = self.model.residual.kind
+            grad[self.model.n_cov_end:] = -(g[:1] if kind == "additive" else g[1:] if kind == "proportional" else g)
         return -float(self._ll.sum()), grad
+
+    def residual_sds(self, theta: np.ndarray) -> tuple[float, float]:
+        """(additive, proportional) residual sds at ``theta`` (0, 0 without population-level residual error)."""
+        if self.model.residual is None:
+            return 0.0, 0.0
+        return self.model.residual.sds(theta[self.model.n_cov_end:])
 
     def gradient(self, theta: np.ndarray) -> np.ndarray:
         """dJ/dtheta."""
@@ -382,17 +461,28 @@ class PopulationObjective:
         logger.info("objective %.3f, Monte-Carlo SE %.3f, median ESS %.1f", diag.value, diag.mc_se, np.median(ess))
         return diag
 
-    def weights(self, theta: np.ndarray, rows: slice | None = None) -> np.ndarray:
-        """Self-normalised importance weights a_ij at ``theta`` for individuals ``rows`` (default all), ``[n, M]``:
-        a_ij ∝ N(phi_ij; mu_i(theta), Sigma(theta)) / p(phi_ij) (or the exact-likelihood weights of the draw set),
-        i.e. the draws reweighted from the estimator's training prior to the fitted population model."""
+    def log_weights(self, theta: np.ndarray, rows: slice | None = None) -> np.ndarray:
+        """Unnormalised log importance weights log w_ij(theta) of individuals ``rows`` (default all), ``[n, M]``:
+        log N(phi_ij; mu_i, Sigma) + log p(y_i | phi_ij; residual sds) - log denominator_ij, so that
+        log mean_j w_ij estimates log p(y_i | theta) (up to the constant of the amortized weights)."""
         theta = np.asarray(theta, dtype=np.float64)
         rows = slice(None) if rows is None else rows
         mu = self.design.mean(theta)[rows]
-        A = whiten_inverse(self.model.cholesky(theta))
+        L = self.model.cholesky(theta)
+        A = whiten_inverse(L)
         z = np.einsum("kl,nml->nmk", A, self.draws.draws[rows] - mu[:, None, :])
-        logw = -0.5 * np.sum(z * z, axis=-1) - self.draws.log_prior[rows]
-        logw -= logw.max(axis=1, keepdims=True)
+        const = -float(np.sum(np.log(np.diag(L)))) - 0.5 * self.draws.k * _LOG_2PI
+        logw = const - 0.5 * np.sum(z * z, axis=-1) - self.draws.log_prior[rows]
+        if self.draws.errors is not None:
+            logw = logw + draw_logliks(self.draws.errors, *self.residual_sds(theta), rows=rows)
+        return logw
+
+    def weights(self, theta: np.ndarray, rows: slice | None = None) -> np.ndarray:
+        """Self-normalised importance weights a_ij at ``theta`` for individuals ``rows`` (default all), ``[n, M]``:
+        the draws reweighted from their proposal to each individual's posterior under the fitted population model
+        (see :meth:`log_weights`)."""
+        logw = self.log_weights(theta, rows)
+        logw = logw - logw.max(axis=1, keepdims=True)
         w = np.exp(logw)
         return w / w.sum(axis=1, keepdims=True)
 
