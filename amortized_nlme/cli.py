@@ -15,6 +15,8 @@ from pathlib import Path
 from amortized_nlme.errors import ConfigError
 
 EXIT_USAGE = 2
+#: --strict: the fit ran but its status is not ok
+EXIT_STRICT = 3
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -101,9 +103,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
         config=args.config, n_draws=args.draws, n_starts=args.starts, profiles=not args.no_profiles,
         seed=args.seed, groups=args.groups, max_individuals=args.max_individuals, mc_refits=args.mc_refits,
         mc_target=args.mc_target, max_draws=args.max_draws,
-        marginal=args.marginal, profile_parameters=args.profile, likelihood=args.likelihood)
+        marginal=args.marginal, profile_parameters=args.profile, likelihood=args.likelihood,
+        cache_dir=args.cache_dir)
     out = run_inference(opts)
     print(out)
+    if args.strict and getattr(run_inference, "last_status", "ok") != "ok":
+        print(f"amortized-nlme infer: status {run_inference.last_status} (--strict): see {out}/summary.json",
+              file=sys.stderr)
+        return EXIT_STRICT
     return 0
 
 
@@ -111,8 +118,9 @@ def cmd_select(args: argparse.Namespace) -> int:
     from amortized_nlme.inference import InferenceOptions, run_selection
 
     opts = InferenceOptions(model=args.model, data=args.data, population=args.pop, estimator=args.estimator,
-                            out=args.out, config=args.config, n_draws=args.draws, seed=args.seed)
-    print(run_selection(opts, args.covariates, args.parameters, args.strategy))
+                            out=args.out, config=args.config, n_draws=args.draws, seed=args.seed,
+                            likelihood=args.likelihood, n_starts=args.starts, cache_dir=args.cache_dir)
+    print(run_selection(opts, args.covariates, args.parameters, args.strategy, refit=not args.no_refit))
     return 0
 
 
@@ -162,18 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("simulate", help="stage 1: simulate prior-predictive data into an HDF5 store")
-    p.add_argument("model")
+    p.add_argument("model", help="individual model (see `amortized-nlme models`)")
     p.add_argument("-n", type=int, help="number of simulations (default: workflow config)")
     p.add_argument("--out", help="store path (default simulations/<model>.h5)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--chunk-size", type=int)
+    p.add_argument("--seed", type=int, help="seed of the store (default: the workflow's [simulation]); same seed, same bytes")
+    p.add_argument("--chunk-size", type=int, help="simulations per chunk (unit of resumption and of parallel work)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one process, all numba threads)")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
     p.add_argument("--config", help="workflow TOML (default workflows/<model>.toml)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("train", help="stage 2: train the estimator (resumes from its checkpoint)")
-    p.add_argument("model")
+    p.add_argument("model", help="individual model (see `amortized-nlme models`)")
     p.add_argument("--config", help="workflow TOML (default workflows/<model>.toml)")
     p.add_argument("--store", help="simulation store for offline training (default simulations/<model>.h5)")
     p.add_argument("--mode", choices=["online", "offline"], help="override the workflow's training mode")
@@ -183,16 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("check", help="calibration check (SBC, recovery, contraction) of a trained estimator")
-    p.add_argument("model")
-    p.add_argument("--config")
+    p.add_argument("model", help="individual model (see `amortized-nlme models`)")
+    p.add_argument("--config", help="workflow TOML (default workflows/<model>.toml)")
     p.add_argument("--estimator", help="estimator folder (default trained_models/<model>)")
-    p.add_argument("--n-simulations", type=int)
-    p.add_argument("--n-draws", type=int)
+    p.add_argument("--n-simulations", type=int, help="held-out simulations (default: the workflow's [check])")
+    p.add_argument("--n-draws", type=int, help="posterior draws per simulation (default: the workflow's [check])")
     p.add_argument("--strict", action="store_true", help="exit 1 when the check fails")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("infer", help="stage 3: fit a population model to data")
-    p.add_argument("model")
+    p.add_argument("model", help="individual model (see `amortized-nlme models`)")
     p.add_argument("--data", required=True, help="long-format CSV (ID, TIME, DV, ...)")
     p.add_argument("--pop", help="population model TOML/JSON (default: the workflow's [population])")
     p.add_argument("--estimator", help="estimator folder (default trained_models/<model>)")
@@ -207,31 +215,46 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 8 x the start, <= 10,000, within ~2 GB of draws)")
     p.add_argument("--starts", type=int, default=10, help="multistart count")
     p.add_argument("--no-profiles", action="store_true", help="skip profile likelihoods")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior draws, starts and plots (default 0)")
     p.add_argument("--groups", nargs="*", help="only these groups (e.g. eGFP d2eGFP)")
     p.add_argument("--max-individuals", type=int, help="random subset of this many individuals")
     p.add_argument("--mc-refits", type=int, default=4,
                    help="disjoint draw subsets refitted for the Monte-Carlo error (0: not measured, draws not adapted)")
     p.add_argument("--profile", nargs="+", metavar="PARAM", help="profile only these population parameters")
-    p.add_argument("--likelihood", choices=["auto", "amortized", "exact"], default="auto",
-                   help="amortized: weights 1/p(phi) (the paper's objective); exact: weights p(y|phi)/q(phi|y), "
-                        "the estimator only as proposal (unbiased for any q; auto: exact for small data)")
+    p.add_argument("--likelihood", choices=["auto", "exact", "amortized"], default="auto",
+                   help="exact: weights p(y|phi)/g(phi), the estimator (refined where it misses) only as importance "
+                        "proposal for the model's own likelihood; amortized: weights 1/p(phi), the seed paper's "
+                        "objective, right only if the estimator is; auto (default): exact whenever the model has a "
+                        "likelihood, amortized for SDEs")
     p.add_argument("--marginal", choices=["auto", "on", "off"], default="auto",
-                   help="-2LL/AIC/BIC/BICc by importance sampling (auto: on unless the data set is large)")
+                   help="-2LL/OFV/AIC/BIC/BICc by importance sampling on fresh draws (exact likelihood: always "
+                        "unless off; amortized: auto = on unless the data set is large)")
+    p.add_argument("--cache-dir", help="posterior-draw cache (default: the user cache directory, "
+                                       "$AMORTIZED_NLME_CACHE or ~/.cache/amortized-nlme)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with code 3 when the result status is not ok (warnings or unreliable)")
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("select-covariates", help="covariate selection by BICc, every fit on the same draws")
-    p.add_argument("model")
-    p.add_argument("--data", required=True)
-    p.add_argument("--pop", help="base population model TOML/JSON")
-    p.add_argument("--covariates", nargs="+", required=True, help="candidate covariates (as in the population file)")
+    p = sub.add_parser("select-covariates", help="covariate selection by BICc, every fit on the same draws, then a "
+                                                 "full fit of the selected model")
+    p.add_argument("model", help="individual model (see `amortized-nlme models`)")
+    p.add_argument("--data", required=True, help="long-format CSV (NONMEM layout by default), or example:<name>")
+    p.add_argument("--pop", help="base population model TOML/JSON whose [covariate_definitions] define the candidates")
+    p.add_argument("--covariates", nargs="+", required=True, help="candidate covariates (names from the population "
+                                                                  "file's [covariate_definitions])")
     p.add_argument("--parameters", nargs="+", help="parameters that may get covariates (default: random effects)")
-    p.add_argument("--estimator")
-    p.add_argument("--config")
-    p.add_argument("--out")
-    p.add_argument("--draws", type=int)
-    p.add_argument("--strategy", choices=["auto", "exhaustive", "stepwise"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--estimator", help="estimator folder (default: the shipped one)")
+    p.add_argument("--config", help="workflow TOML (default workflows/<model>.toml)")
+    p.add_argument("--out", help="results folder (default results/<model>-<data>-covariates)")
+    p.add_argument("--draws", type=int, help="posterior draws per individual (default: from the data size)")
+    p.add_argument("--starts", type=int, default=10, help="multistart count of the final fit")
+    p.add_argument("--strategy", choices=["auto", "exhaustive", "stepwise"], default="auto",
+                   help="exhaustive search up to 512 models, else stepwise (auto)")
+    p.add_argument("--likelihood", choices=["auto", "exact", "amortized"], default="auto",
+                   help="as for infer (auto: exact whenever the model has a likelihood)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws and starts")
+    p.add_argument("--cache-dir", help="posterior-draw cache (default: the user cache directory)")
+    p.add_argument("--no-refit", action="store_true", help="stop at the ranking (no full fit of the selected model)")
     p.set_defaults(func=cmd_select)
     return parser
 

@@ -161,6 +161,9 @@ class PopulationConfig(_Section):
         "auto", description="kernel width (log scale) of parameters without random effect; auto: a fifth of "
                             "their median posterior sd")
     bound_sd: PositiveFloat = Field(4.0, description="optimisation box: prior mean +- bound_sd prior sds")
+    residual_error: Literal["additive", "proportional", "combined"] | None = Field(
+        None, description="residual-error model, estimated as population parameters with the exact likelihood "
+                          "(default: the model's own; PK models: additive, proportional or combined)")
     data: DataConfig | None = Field(None, description="data-reader options of this analysis (override the "
                                                       "workflow's [data])")
 

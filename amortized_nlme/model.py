@@ -29,6 +29,55 @@ Design = dict[str, np.ndarray]
 _LOG_2PI = float(np.log(2.0 * np.pi))
 
 
+#: residual-error models: sd a (additive), b |f| (proportional), sqrt(a^2 + b^2 f^2) (combined)
+RESIDUAL_KINDS = ("additive", "proportional", "combined")
+
+
+@dataclass(frozen=True)
+class ResidualError:
+    """Which residual-error model the population fits and the names of its parameters (log sds in theta).
+
+    ``names``: the individual model's names of the sds, in the order (additive, proportional) that ``kind`` uses:
+    one name for additive or proportional, two for combined. ``center``/``scale``: log-scale centre and spread used
+    for optimisation bounds and start points (``bounds``: centre +- 4 * scale)."""
+
+    kind: str
+    names: tuple[str, ...]
+    center: tuple[float, ...]
+    scale: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.kind not in RESIDUAL_KINDS:
+            raise ValueError(f"residual error kind must be one of {RESIDUAL_KINDS}, got {self.kind!r}")
+        need = 2 if self.kind == "combined" else 1
+        if len(self.names) != need or len(self.center) != need or len(self.scale) != need:
+            raise ValueError(f"a {self.kind} residual error has {need} parameter(s), got names {self.names}")
+
+    @property
+    def theta_names(self) -> tuple[str, ...]:
+        return tuple(f"log_{n}" for n in self.names)
+
+    @property
+    def n(self) -> int:
+        return len(self.names)
+
+    def sds(self, values: np.ndarray) -> tuple[float, float]:
+        """(additive sd, proportional sd) from the log-scale theta values (0 for a part the kind does not have)."""
+        v = np.exp(np.asarray(values, dtype=np.float64))
+        if self.kind == "additive":
+            return float(v[0]), 0.0
+        if self.kind == "proportional":
+            return 0.0, float(v[0])
+        return float(v[0]), float(v[1])
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "names": list(self.names), "center": list(self.center), "scale": list(self.scale)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ResidualError":
+        return cls(d["kind"], tuple(d["names"]), tuple(d["center"]), tuple(d["scale"]))
+
+
 @dataclass(frozen=True)
 class NormalPrior:
     """Independent normal prior on log-parameters; its density is the importance-weight denominator, so it is exact."""
@@ -69,6 +118,11 @@ class NormalPrior:
             quad += z * z
         return -0.5 * (quad + float(np.sum(np.log(self.variance))) + phi.shape[-1] * _LOG_2PI)
 
+    def subset(self, names: tuple[str, ...] | list[str]) -> "NormalPrior":
+        """The marginal prior of some of the parameters (independent, so just those entries)."""
+        idx = [self.names.index(n) for n in names]
+        return NormalPrior(tuple(names), self.mean[idx], self.variance[idx])
+
     def spec(self) -> dict[str, Any]:
         """JSON-serializable description, stored with simulations and estimators."""
         return {
@@ -106,6 +160,13 @@ class IndividualModel(ABC):
     max_time_points: int = 0
     #: unit of the design times, for plot labels
     time_unit: str = ""
+    #: residual-error sds among the parameters (log scale), in the order (additive, proportional): with exact
+    #: inference, those without random effect become population parameters (see :meth:`residual_error`)
+    error_params: tuple[str, ...] = ()
+    #: the simulator's residual-error model ("additive", "proportional", "combined"; on the observation scale)
+    error_kind: str | None = None
+    #: whether the model handles censored observations (BLQ, design entry ``censored``)
+    supports_censoring: bool = False
 
     @property
     @abstractmethod
@@ -135,6 +196,58 @@ class IndividualModel(ABC):
     def log_likelihood(self, phi: np.ndarray, observations: np.ndarray, design: Design) -> np.ndarray:
         """log p(y_i | phi_i) for each row ``[n]``; masked points do not count."""
         raise NotImplementedError(f"{self.name} does not provide an individual likelihood")
+
+    def residual_kinds(self) -> tuple[str, ...]:
+        """The residual-error models a population may fit with this model's estimator: the simulator's own when its
+        sds are parameters; any of additive/proportional/combined when the estimator integrates the error out."""
+        if self.error_params:
+            return (self.error_kind,) if self.error_kind else ()
+        return ("additive", "proportional", "combined") if self.has_likelihood else ()
+
+    def residual_error(self, kind: str | None = None, observations: np.ndarray | None = None,
+                       design: Design | None = None) -> ResidualError:
+        """The residual-error parameters of a population fit (``kind`` None: the model's own), with a centre and
+        scale for optimisation bounds: the prior's for sds that are parameters; data-derived for models whose
+        estimator integrates the residual error out (override :meth:`residual_scale`)."""
+        kind = kind or self.error_kind
+        if kind not in self.residual_kinds():
+            raise ValueError(f"{self.name} supports the residual-error models {list(self.residual_kinds())}, not "
+                             f"{kind!r}")
+        if self.error_params:
+            idx = [self.param_names.index(p) for p in self.error_params]
+            return ResidualError(kind, tuple(self.error_params), tuple(float(self.prior.mean[i]) for i in idx),
+                                 tuple(float(self.prior.std[i]) for i in idx))
+        names = {"additive": ("sigma_add",), "proportional": ("sigma_prop",),
+                 "combined": ("sigma_add", "sigma_prop")}[kind]
+        center, scale = self.residual_scale(kind, observations, design)
+        return ResidualError(kind, names, center, scale)
+
+    def residual_scale(self, kind: str, observations: np.ndarray | None, design: Design | None
+                       ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Log-scale centre and spread of the residual sds (additive in observation units, proportional as a
+        fraction), used for bounds and starts: by default 10 % of the typical observed magnitude and 10 %."""
+        level = 1.0
+        if observations is not None and design is not None:
+            y = np.abs(np.asarray(observations)[..., 0][np.asarray(design["mask"], bool)])
+            y = y[np.isfinite(y) & (y > 0)]
+            level = float(np.median(y)) if y.size else 1.0
+        add, prop = (float(np.log(0.1 * level)),), (float(np.log(0.1)),)
+        center = {"additive": add, "proportional": prop, "combined": add + prop}[kind]
+        return center, (2.5,) * len(center)
+
+    def observation_points(self, observations: np.ndarray, design: Design
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Observations flattened to points for the residual-error likelihood: ``y [n, P]``, ``observed [n, P]``
+        and ``censored [n, P]`` (y holds the limit), P = T * d, in the order of ``predict(...).reshape(n, -1)``."""
+        obs = np.asarray(observations, dtype=np.float64)
+        n, T, d = obs.shape
+        mask = np.asarray(design["mask"], dtype=bool)
+        observed = np.broadcast_to(mask[..., None] if mask.ndim == 2 else mask, (n, T, d)).reshape(n, -1)
+        cens = design.get("censored")
+        censored = (np.zeros((n, T * d), dtype=bool) if cens is None else
+                    np.broadcast_to(np.asarray(cens, bool)[..., None] if np.ndim(cens) == 2 else np.asarray(cens, bool),
+                                    (n, T, d)).reshape(n, -1))
+        return obs.reshape(n, -1), observed.copy(), censored & observed
 
     @property
     def has_likelihood(self) -> bool:

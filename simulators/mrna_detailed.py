@@ -140,6 +140,8 @@ class MrnaDetailed(IndividualModel):
     obs_names = ("log_fluorescence",)
     max_time_points = TIME_GRID.size
     time_unit = "h"
+    error_params = ("sigma",)
+    error_kind = "additive"
 
     # Normal(mean, VARIANCE) on the log scale (Arruda et al. 2024, detailed model)
     _PRIOR = NormalPrior(param_names,

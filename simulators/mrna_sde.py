@@ -175,6 +175,8 @@ class MrnaSDE(IndividualModel):
     obs_names = ("log_fluorescence",)
     max_time_points = TIME_GRID.size
     time_unit = "h"
+    error_params = ("sigma",)
+    error_kind = "additive"
 
     # Normal(mean, VARIANCE) on the log scale
     _PRIOR = NormalPrior(param_names, np.array([-3.0, -3.0, -1.0, 5.0, 0.0, 0.0, 1.0, -1.0]),

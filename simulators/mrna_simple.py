@@ -53,6 +53,8 @@ class MrnaSimple(IndividualModel):
     obs_names = ("log_fluorescence",)
     max_time_points = TIME_GRID.size
     time_unit = "h"
+    error_params = ("sigma",)
+    error_kind = "additive"
 
     _PRIOR = NormalPrior(param_names, np.array([-3.0, -3.0, 5.0, 0.0, 1.0, -1.0]),
                          np.array([5.0, 5.0, 11.0, 2.0, 6.0, 2.0]))

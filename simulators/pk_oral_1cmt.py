@@ -76,6 +76,8 @@ class PkOral1Cmt(IndividualModel):
     obs_names = ("concentration",)
     max_time_points = MAX_OBS
     time_unit = "h"
+    error_params: tuple[str, ...] = ("sigma_add",)
+    error_kind = "additive"
 
     def __init__(self, error_model: str = "additive") -> None:
         if error_model not in ("additive", "combined"):
@@ -86,6 +88,8 @@ class PkOral1Cmt(IndividualModel):
             # a different name, so that an estimator trained for one error model is never used with the other
             self.name = "pk_oral_1cmt_combined"
             self.param_names = ("ka", "ke", "V", "sigma_add", "sigma_prop")
+            self.error_params = ("sigma_add", "sigma_prop")
+            self.error_kind = "combined"
             mean.append(np.log(0.1))
         self._prior = NormalPrior(self.param_names, np.array(mean), np.ones(len(mean)))
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 from amortized_nlme.config import CovariateDefinition, PopulationConfig
 from amortized_nlme.errors import ConfigError
-from amortized_nlme.model import NormalPrior
+from amortized_nlme.model import NormalPrior, ResidualError
 from amortized_nlme.population.model import PopulationModel
 
 
@@ -87,7 +87,8 @@ def expand_relations(config: PopulationConfig, columns: Sequence[str]) -> dict[s
 
 
 def population_from_config(config: PopulationConfig, prior: NormalPrior, group_levels: Sequence[str] | None,
-                           where: str, columns: Sequence[str] = ()) -> PopulationModel:
+                           where: str, columns: Sequence[str] = (), residual: ResidualError | None = None
+                           ) -> PopulationModel:
     """A :class:`PopulationModel` from a validated configuration (``group_levels``: the data's levels when the file
     lists none); model errors become a :class:`ConfigError` naming ``where``."""
     groups = config.groups
@@ -96,6 +97,7 @@ def population_from_config(config: PopulationConfig, prior: NormalPrior, group_l
         "covariance": config.covariance,
         "covariates": expand_relations(config, columns),
         "bound_sd": config.bound_sd,
+        "residual": residual,
     }
     if isinstance(config.fixed_std, (int, float, dict)):
         kwargs["fixed_std"] = config.fixed_std
@@ -109,9 +111,11 @@ def population_from_config(config: PopulationConfig, prior: NormalPrior, group_l
 
 
 def bind_population(config: PopulationConfig, prior: NormalPrior, covariate_frame: pd.DataFrame,
-                    group_labels: np.ndarray | None, n_individuals: int, where: str
+                    group_labels: np.ndarray | None, n_individuals: int, where: str,
+                    residual: ResidualError | None = None
                     ) -> tuple[PopulationModel, dict[str, np.ndarray], np.ndarray | None]:
-    """Population model + transformed covariate columns + group labels for one data set, validated together."""
+    """Population model (over the parameters of ``prior``, with ``residual`` sds as population parameters) +
+    transformed covariate columns + group labels for one data set, validated together."""
     covariates = covariate_columns(covariate_frame, config.definitions(), where)
     groups = None
     levels = None
@@ -120,7 +124,7 @@ def bind_population(config: PopulationConfig, prior: NormalPrior, covariate_fram
             raise ConfigError(f"{where}: [groups] column {config.groups.column!r} was not read from the data")
         groups = np.asarray(group_labels).astype(str)
         levels = sorted(set(groups.tolist()))
-    population = population_from_config(config, prior, levels, where, columns=list(covariates))
+    population = population_from_config(config, prior, levels, where, columns=list(covariates), residual=residual)
     try:
         population.design(n_individuals, covariates, groups)  # covariate columns and group labels checked now
     except (ValueError, TypeError) as exc:

@@ -457,6 +457,7 @@ def fit_with_enough_draws(
     max_draws: int = 8000,
     max_rounds: int = 3,
     progress_bar: bool = False,
+    x_guesses: Sequence[np.ndarray] | None = None,
 ) -> tuple[FitResult, DrawSet, MonteCarloError, list[DrawsRound]]:
     """Multistart fit with Wald SEs and the Monte-Carlo error of the estimates; while that error (RMS of Monte-Carlo
     SE and jackknife bias) exceeds ``target`` times the statistical SE of some parameter, more draws are fetched
@@ -473,7 +474,7 @@ def fit_with_enough_draws(
         t0 = time.perf_counter()
         if starts is None:
             fr = fit(model, draws, covariates, groups, n_starts=n_starts, seed=seed, wald=True,
-                     progress_bar=progress_bar)
+                     progress_bar=progress_bar, x_guesses=x_guesses)
         else:
             fr = fit(model, draws, covariates, groups, n_starts=len(starts), seed=seed, x_guesses=starts,
                      initial_guess=False, wald=True, progress_bar=progress_bar)

@@ -27,59 +27,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numba as nb
 import numpy as np
 
-RESIDUAL_KINDS = ("additive", "proportional", "combined")
+from amortized_nlme.model import RESIDUAL_KINDS, ResidualError
+
+__all__ = ["ErrorStatistics", "ResidualError", "draw_loglik", "draw_logliks", "error_statistics", "residual_start"]
+
 _LOG_2PI = math.log(2.0 * math.pi)
 _SQRT2 = math.sqrt(2.0)
-
-
-@dataclass(frozen=True)
-class ResidualError:
-    """Which residual-error model the population fits and the names of its parameters (log sds in theta).
-
-    ``names``: the individual model's names of the sds, in the order (additive, proportional) that ``kind`` uses:
-    one name for additive or proportional, two for combined. ``center``/``scale``: log-scale centre and spread used
-    for optimisation bounds and start points (``bounds``: centre +- 4 * scale)."""
-
-    kind: str
-    names: tuple[str, ...]
-    center: tuple[float, ...]
-    scale: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        if self.kind not in RESIDUAL_KINDS:
-            raise ValueError(f"residual error kind must be one of {RESIDUAL_KINDS}, got {self.kind!r}")
-        need = 2 if self.kind == "combined" else 1
-        if len(self.names) != need or len(self.center) != need or len(self.scale) != need:
-            raise ValueError(f"a {self.kind} residual error has {need} parameter(s), got names {self.names}")
-
-    @property
-    def theta_names(self) -> tuple[str, ...]:
-        return tuple(f"log_{n}" for n in self.names)
-
-    @property
-    def n(self) -> int:
-        return len(self.names)
-
-    def sds(self, values: np.ndarray) -> tuple[float, float]:
-        """(additive sd, proportional sd) from the log-scale theta values (0 for a part the kind does not have)."""
-        v = np.exp(np.asarray(values, dtype=np.float64))
-        if self.kind == "additive":
-            return float(v[0]), 0.0
-        if self.kind == "proportional":
-            return 0.0, float(v[0])
-        return float(v[0]), float(v[1])
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "names": list(self.names), "center": list(self.center), "scale": list(self.scale)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ResidualError":
-        return cls(d["kind"], tuple(d["names"]), tuple(d["center"]), tuple(d["scale"]))
 
 
 class ErrorStatistics:

@@ -174,6 +174,18 @@ class TrainedEstimator:
             out[sl] = draws[PARAM_KEY]
         return out
 
+    def summaries(self, observations: np.ndarray, design: Design, *, batch_size: int = 512) -> np.ndarray:
+        """The summary network's output ``[n, summary_dim]`` for each individual (what the flow is conditioned on;
+        used to tell individuals unlike anything seen in training)."""
+        encoded = self.encode(observations, design)
+        flow = self._compiled()
+        if flow is not None:
+            return np.asarray(flow.summarize(self._summary_variables(encoded)), dtype=np.float64)
+        keras = _keras()
+        parts = [np.asarray(keras.ops.convert_to_numpy(self.approximator.summarize({SUMMARY_KEY: encoded[a:a + batch_size]})))
+                 for a in range(0, encoded.shape[0], batch_size)]
+        return np.concatenate(parts).astype(np.float64)
+
     def log_prob(self, phi: np.ndarray, observations: np.ndarray, design: Design, *, batch_size: int = 256
                  ) -> np.ndarray:
         """log q(phi_ij | y_i) for draws ``phi [n, M, k]``: the summary is computed once per individual

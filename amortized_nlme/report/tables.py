@@ -154,7 +154,8 @@ def build_summary(fit: FitResult, inputs: Mapping[str, Any], extra: Mapping[str,
 def individual_frame(model: IndividualModel, draws: np.ndarray, ids: Sequence[str],
                      covariates: Mapping[str, np.ndarray] | None, groups: np.ndarray | None,
                      ess: np.ndarray | None = None,
-                     conditional: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
+                     conditional: tuple[np.ndarray, np.ndarray] | None = None,
+                     conditional_names: Sequence[str] | None = None) -> pd.DataFrame:
     """Per individual: id, group, covariates, ESS at the estimate; the mean and sd of each log-parameter given the
     individual's data under the *fitted population model* (``log_<p>_cond_mean``, ``log_<p>_cond_sd``: Monolix's
     conditional mean, the individual estimate for predictions and diagnostics), when ``conditional`` is given; and
@@ -168,7 +169,8 @@ def individual_frame(model: IndividualModel, draws: np.ndarray, ids: Sequence[st
     if ess is not None:
         cols["ess"] = np.asarray(ess, dtype=np.float64)
     if conditional is not None:
-        for p, name in enumerate(model.param_names):
+        names = conditional_names or model.param_names
+        for p, name in enumerate(names):
             cols[f"log_{name}_cond_mean"] = conditional[0][:, p]
             cols[f"log_{name}_cond_sd"] = conditional[1][:, p]
     q05, med, q95 = np.quantile(draws, [0.05, 0.5, 0.95], axis=1)

@@ -37,6 +37,24 @@ def sample_population(population: PopulationModel, theta: np.ndarray, n: int,
     return mu[None] + z @ L.T
 
 
+def full_parameters(model: IndividualModel, population: PopulationModel, theta: np.ndarray, psi: np.ndarray
+                    ) -> np.ndarray:
+    """The individual model's parameter vectors ``[n, k_model]`` for population samples ``psi [n, k_pop]``: residual
+    sds that the population estimates as population parameters are set to their estimates."""
+    names = tuple(model.param_names)
+    if tuple(population.param_names_individual) == names:
+        return psi
+    out = np.empty((psi.shape[0], len(names)))
+    for j, p in enumerate(population.param_names_individual):
+        out[:, names.index(p)] = psi[:, j]
+    if population.residual is not None:
+        values = np.asarray(theta)[population.n_cov_end:]
+        for p, v in zip(population.residual.names, values):
+            if p in names:
+                out[:, names.index(p)] = v
+    return out
+
+
 @dataclass
 class VPCPanel:
     """One stratum (group) and observation type of a visual predictive check: per time bin the observed quantiles and
@@ -95,7 +113,7 @@ def visual_predictive_check(
     m = sub.size
     phi = sample_population(population, theta, n, covariates, groups, rng, index=sub, n_replicates=n_replicates)
     rep_design = take_design(design, np.tile(sub, n_replicates))
-    sim = model.simulate(phi.reshape(-1, population.k), rep_design, rng)
+    sim = model.simulate(full_parameters(model, population, theta, phi.reshape(-1, population.k)), rep_design, rng)
     sim = sim.reshape(n_replicates, m, *sim.shape[1:])
     has_nan = bool(np.isnan(sim).any())
     if has_nan:

@@ -110,7 +110,8 @@ def write_results(
         estimates_frame(fit).to_csv(tmp / ESTIMATES_FILE, index=False)
         conditional = fit.objective.conditional_moments(fit.estimate)
         shrinkage = fit.objective.shrinkage(fit.estimate, conditional[0])
-        individual_frame(model, draws, ids, covariates, groups, fit.diagnostics.ess, conditional).to_csv(
+        individual_frame(model, draws, ids, covariates, groups, fit.diagnostics.ess, conditional,
+                         fit.model.param_names_individual).to_csv(
             tmp / INDIVIDUAL_FILE, index=False)
         pypesto.store.write_result(fit.result, tmp / PYPESTO_FILE, overwrite=True, problem=True, optimize=True,
                                    profile=bool(fit.result.profile_result.list))
@@ -130,7 +131,7 @@ def write_results(
                                              seed=int(rng.integers(2**31)))
             plot_vpc(panels, model, tmp / "vpc.png", N_VPC_REPLICATES, min(n, MAX_VPC_INDIVIDUALS))
             written.append("vpc.png")
-            plot_parameter_distributions(fit, draws, covariates, groups, tmp / "parameter_distributions.png", rng,
+            plot_parameter_distributions(fit, draws[..., [model.param_names.index(p) for p in fit.model.param_names_individual]], covariates, groups, tmp / "parameter_distributions.png", rng,
                                          conditional[0], shrinkage)
             written.append("parameter_distributions.png")
         summary = build_summary(fit, inputs, extra, ids, report_s=time.perf_counter() - t0)
