@@ -15,7 +15,7 @@ export PYTHONUNBUFFERED := 1
 COVARIATES ?=
 CONFIG ?=
 
-.PHONY: setup simulate train check infer select demo test test-all bench bench-peers clean
+.PHONY: setup simulate train check infer select demo test test-all bench bench-peers estimator-table clean
 
 setup: $(STAMP)
 
@@ -63,6 +63,11 @@ bench: $(STAMP)
 
 bench-peers: $(STAMP)
 	$(PY) benchmarks/peers/run.py
+
+# the README's table of shipped estimators, rendered from trained_models/*/meta.json (tests/test_diagnostics.py fails
+# when it is stale)
+estimator-table: $(STAMP)
+	$(PY) -c "from amortized_nlme.training.check import update_readme_table; update_readme_table('README.md')"
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
