@@ -249,10 +249,27 @@ class IndividualModel(ABC):
                                     (n, T, d)).reshape(n, -1))
         return obs.reshape(n, -1), observed.copy(), censored & observed
 
+    def parameter_shift(self, observations: np.ndarray, design: Design) -> np.ndarray | None:
+        """Per-individual shift ``s [n, k]`` of the log-parameters that the estimator works in: it learns
+        q'(phi + s | y) from data the encoder normalised by data-derived scales (units, time scale), so that
+        q(phi | y) = q'(phi + s | y) exactly (a shift has unit Jacobian). None (the default): no normalisation."""
+        return None
+
+    def data_prior(self, observations: np.ndarray, design: Design) -> NormalPrior:
+        """The training prior expressed in the data's units (bounds and start points of population fits): the prior
+        itself, or for normalising models the prior shifted back by the individuals' median shift."""
+        shift = self.parameter_shift(observations, design)
+        if shift is None:
+            return self.prior
+        return NormalPrior(self.prior.names, self.prior.mean - np.median(shift, axis=0), self.prior.variance)
+
     @property
     def has_likelihood(self) -> bool:
         """Whether the model has a tractable individual likelihood (then inference can use exact weights)."""
-        return type(self).log_likelihood is not IndividualModel.log_likelihood
+        own = type(self).log_likelihood is not IndividualModel.log_likelihood
+        # models whose estimator integrates the residual error out: predictions + a population residual error
+        integrated = not self.error_params and type(self).predict is not IndividualModel.predict
+        return own or integrated
 
     def design_description(self) -> str:
         """What designs the model's estimator is trained on (shown by ``amortized-nlme models``)."""

@@ -15,6 +15,10 @@ MODELS: dict[str, str] = {
     "mrna_sde": "simulators.mrna_sde:MrnaSDE",
     "pk_oral_1cmt": "simulators.pk_oral_1cmt:PkOral1Cmt",
     "pk_oral_1cmt_combined": "simulators.pk_oral_1cmt:PkOral1CmtCombined",
+    "pk_1cmt_iv": "simulators.pk_library:Pk1CmtIv",
+    "pk_1cmt_oral": "simulators.pk_library:Pk1CmtOral",
+    "pk_2cmt_iv": "simulators.pk_library:Pk2CmtIv",
+    "pk_2cmt_oral": "simulators.pk_library:Pk2CmtOral",
 }
 
 

@@ -59,10 +59,12 @@ class WeightPlan:
     aux_index: np.ndarray
     residual: ResidualError | None
     aux_names: tuple[str, ...] = ()
+    data_prior: NormalPrior | None = None
 
     def prior(self, model: IndividualModel) -> NormalPrior:
-        """The training prior of the psi coordinates (bounds and starts of the population model)."""
-        return model.prior.subset(self.psi_names)
+        """The training prior of the psi coordinates in the data's units (bounds and starts of the population
+        model)."""
+        return (self.data_prior or model.prior).subset(self.psi_names)
 
     def summary(self) -> dict:
         return {"likelihood": self.likelihood, "individual_parameters": list(self.psi_names),
@@ -80,7 +82,8 @@ def plan_weights(likelihood: str, model: IndividualModel, config: PopulationConf
             raise ConfigError("residual_error is a population parameter of the exact likelihood; the amortized "
                               "objective estimates residual sds as individual parameters (drop residual_error or "
                               "use --likelihood exact)")
-        return WeightPlan("amortized", names, np.arange(len(names)), np.zeros(0, np.int64), None)
+        return WeightPlan("amortized", names, np.arange(len(names)), np.zeros(0, np.int64), None,
+                          data_prior=model.data_prior(observations, design))
     random = set(names) if config.random_effects == "all" else set(config.random_effects)
     err = tuple(model.error_params)
     if err and any(p in random for p in err):
@@ -88,18 +91,21 @@ def plan_weights(likelihood: str, model: IndividualModel, config: PopulationConf
             raise ConfigError(f"residual_error = {config.residual_error!r} but {[p for p in err if p in random]} "
                               "have random effects: remove them from random_effects to estimate the residual error "
                               "as a population parameter")
-        return WeightPlan("exact", names, np.arange(len(names)), np.zeros(0, np.int64), None)
+        return WeightPlan("exact", names, np.arange(len(names)), np.zeros(0, np.int64), None,
+                          data_prior=model.data_prior(observations, design))
     kind = config.residual_error or (model.error_kind if err else model.residual_kinds()[0] if
                                      model.residual_kinds() else None)
     if kind is None:
-        return WeightPlan("exact", names, np.arange(len(names)), np.zeros(0, np.int64), None)
+        return WeightPlan("exact", names, np.arange(len(names)), np.zeros(0, np.int64), None,
+                          data_prior=model.data_prior(observations, design))
     try:
         residual = model.residual_error(kind, observations, design)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     psi = tuple(p for p in names if p not in err)
     return WeightPlan("exact", psi, np.array([names.index(p) for p in psi], np.int64),
-                      np.array([names.index(p) for p in err], np.int64), residual, err)
+                      np.array([names.index(p) for p in err], np.int64), residual, err,
+                      data_prior=model.data_prior(observations, design))
 
 
 class AuxiliaryConditional:
@@ -231,6 +237,12 @@ def exact_drawset(plan: WeightPlan, model: IndividualModel, phi: np.ndarray, log
                    errors=errors)
 
 
-def amortized_drawset(model: IndividualModel, phi: np.ndarray, ids) -> DrawSet:
-    """Draws with the amortized weights 1 / p(phi) (the training prior)."""
-    return DrawSet(np.asarray(phi, dtype=np.float64), model.prior, ids=list(ids))
+def amortized_drawset(model: IndividualModel, phi: np.ndarray, ids, observations: np.ndarray | None = None,
+                      design: Design | None = None) -> DrawSet:
+    """Draws with the amortized weights 1 / p(phi) (the training prior; for models whose estimator works on
+    normalised parameters, the prior at the normalised draws, an approximation the result states)."""
+    phi = np.asarray(phi, dtype=np.float64)
+    shift = None if observations is None else model.parameter_shift(observations, design)
+    prior = model.prior if observations is None else model.data_prior(observations, design)
+    log_prior = None if shift is None else model.prior.log_prob(phi + shift[:, None, :])
+    return DrawSet(phi, prior, ids=list(ids), log_prior=log_prior)

@@ -223,7 +223,7 @@ def prepare_inference(opts: InferenceOptions) -> InferenceContext:
         phi = np.asarray(posterior_draws(estimator, observations, design, n_draws, opts.seed, data_hash, cache),
                          dtype=np.float64)
         timings["posterior_draws_s"] = time.perf_counter() - t1
-        drawset = amortized_drawset(model, phi, data.ids)
+        drawset = amortized_drawset(model, phi, data.ids, observations, design)
     if population.fixed_std and pop_cfg.fixed_std == "auto":
         # kernel width for parameters without random effect: a fifth of their typical posterior sd (see population.py)
         population = population.with_fixed_std_from_draws(drawset.draws, fraction=0.2)
@@ -247,7 +247,7 @@ def draws_extender(ctx: InferenceContext):
         else:
             phi = np.asarray(posterior_draws(ctx.estimator, ctx.observations, ctx.design, m, seed, ctx.data_hash,
                                              ctx.cache), dtype=np.float64)
-            ds = amortized_drawset(ctx.model, phi, ctx.dataset.ids)
+            ds = amortized_drawset(ctx.model, phi, ctx.dataset.ids, ctx.observations, ctx.design)
         ctx.draws = np.concatenate([ctx.draws, phi], axis=1)
         ctx.timings["posterior_draws_s"] = ctx.timings.get("posterior_draws_s", 0.0) + time.perf_counter() - t0
         return ds

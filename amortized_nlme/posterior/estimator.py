@@ -125,7 +125,7 @@ class TrainedEstimator:
         only; the compiled JAX path uses fixed call shapes, and its draws for individual ``i`` depend only on
         ``seed``, ``i`` and ``n_draws``."""
         encoded = self.encode(observations, design)
-        out = self._sample_encoded(encoded, n_draws, seed, progress, batch_size)
+        out = self._sample_encoded(encoded, n_draws, seed, progress, batch_size)  # in the network's parameter space
         self.last_replaced = 0
         prior = self.model.prior
         for attempt in range(1, 12):
@@ -149,6 +149,9 @@ class TrainedEstimator:
         if self.last_replaced:
             logger.info("%d of %d posterior draws were outside the prior's support (> %g prior sds) and were "
                         "redrawn", self.last_replaced, out.shape[0] * out.shape[1], SUPPORT_SD)
+        shift = self.model.parameter_shift(observations, design)
+        if shift is not None:  # back from the normalised parameters the network learned to the data's units
+            out -= shift[:, None, :]
         return out
 
     def _sample_encoded(self, encoded: np.ndarray, n_draws: int, seed: int | None, progress: bool,
@@ -194,6 +197,9 @@ class TrainedEstimator:
         phi = np.asarray(phi, dtype=np.float64)
         n, M, k = phi.shape
         encoded = self.encode(observations, design)
+        shift = self.model.parameter_shift(observations, design)
+        if shift is not None:
+            phi = phi + shift[:, None, :]
         prior = self.model.prior
         z = ((phi - prior.mean) / prior.std).astype(np.float32)
         log_det = -float(np.sum(np.log(prior.std)))

@@ -84,7 +84,8 @@ def simulate_batch_counted(model: IndividualModel, n: int, rng: np.random.Genera
         params[idx] = new_params
         observations[idx] = new_obs
         for key, value in new_design.items():
-            design[key][idx] = _fit_time_axis(np.asarray(value), n_time, f"design[{key!r}]")
+            width = design[key].shape[1] if design[key].ndim > 1 else 0
+            design[key][idx] = _fit_time_axis(np.asarray(value), width, f"design[{key!r}]")
         bad[:] = False
         bad[idx[failed_rows(new_obs, new_design["mask"])]] = True
     # masked entries are 0 by contract, whatever the simulator left there

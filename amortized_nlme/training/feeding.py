@@ -17,7 +17,9 @@ def _keras():
 
 
 def batch_dict(model: IndividualModel, params: np.ndarray, observations: np.ndarray, design: Design) -> dict:
-    return {PARAM_KEY: params, SUMMARY_KEY: model.encode(observations, design)}
+    shift = model.parameter_shift(observations, design)
+    target = params if shift is None else params + shift  # the normalised parameters the network learns
+    return {PARAM_KEY: target, SUMMARY_KEY: model.encode(observations, design)}
 
 
 class TrainingPriorTally:

@@ -1,0 +1,125 @@
+"""The PK model library: unit-free normalisation (exact), NONMEM dosing records laid out as the models need them,
+refusals, simulation with residual error and BLQ censoring, and the exact likelihood of its predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from amortized_nlme.data import read_dataset
+from amortized_nlme.errors import DataError
+from amortized_nlme.inference.likelihood import plan_weights, residual_statistics
+from amortized_nlme.config import PopulationConfig
+from amortized_nlme.population.residual import draw_logliks
+from amortized_nlme.simulation import simulate_batch
+from simulators import get_model
+from simulators import pk_closed_form as pkc
+
+REPO = Path(__file__).resolve().parent.parent
+PHENO = REPO / "tests" / "data" / "pheno.csv"
+THEO = REPO / "amortized_nlme" / "example_data" / "theophylline_nonmem.csv"
+NAMES = ["pk_1cmt_iv", "pk_1cmt_oral", "pk_2cmt_iv", "pk_2cmt_oral"]
+
+
+def rescaled(obs: np.ndarray, design: dict, time: float, conc: float, dose: float) -> tuple[np.ndarray, dict]:
+    """The same data in other units: times x time, concentrations x conc, amounts x dose."""
+    d = {k: np.array(v, copy=True) for k, v in design.items()}
+    d["times"] = d["times"] * time
+    for col in (pkc.TIME, pkc.DUR, pkc.II):
+        d["doses"][..., col] *= time
+    d["doses"][..., pkc.AMT] *= dose
+    return obs * conc, d
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_units_do_not_matter(name: str) -> None:
+    """Encoder input is identical in any units, and the parameter shift moves by exactly the log unit factors, so
+    q(phi | y) = q'(phi + shift | y) is the same posterior in every unit system."""
+    model = get_model(name)
+    params, obs, design = simulate_batch(model, 64, np.random.default_rng(1))
+    enc, shift = model.encode(obs, design), model.parameter_shift(obs, design)
+    a, b, c = 24.0, 1000.0, 0.1  # hours -> days is 1/24; mg/L -> ng/mL; mg -> g
+    obs2, design2 = rescaled(obs, design, a, b, c)
+    np.testing.assert_array_equal(model.encode(obs2, design2), enc)
+    expected = {"CL": np.log(b / c), "V": np.log(b / c), "V1": np.log(b / c), "V2": np.log(b / c),
+                "Q": np.log(b / c), "ka": 0.0}
+    # the same drug in the new units has CL' = CL * c / b / ... : the shift compensates exactly
+    # (subjects whose data span no time at all -- one pre-dose sample -- have no time scale to normalise by)
+    timed = np.array([np.ptp(np.r_[design["times"][i][design["mask"][i]], design["doses"][i, 0, pkc.TIME]]) > 0
+                      for i in range(obs.shape[0])])
+    for j, p in enumerate(model.param_names):
+        time_power = {"CL": 1, "Q": 1, "ka": 1}.get(p, 0)
+        np.testing.assert_allclose((model.parameter_shift(obs2, design2)[:, j] - shift[:, j])[timed],
+                                   expected[p] + time_power * np.log(a), atol=1e-10)
+    # and the predictions agree: parameters converted to the new units predict the rescaled concentrations
+    conv = params.copy()
+    for j, p in enumerate(model.param_names):
+        conv[:, j] += {"CL": np.log(c / b / a), "Q": np.log(c / b / a), "V": np.log(c / b), "V1": np.log(c / b),
+                       "V2": np.log(c / b), "ka": -np.log(a)}[p]
+    np.testing.assert_allclose(model.predict(conv, design2), model.predict(params, design) * b, rtol=1e-9,
+                               atol=1e-12)
+
+
+def test_simulation_censoring_and_failures() -> None:
+    model = get_model("pk_1cmt_oral")
+    params, obs, design = simulate_batch(model, 2000, np.random.default_rng(2))
+    cens, mask = design["censored"], design["mask"]
+    assert cens.any() and not (cens & ~mask).any()
+    f = model.predict(params, design)[..., 0]
+    # a censored value holds its limit, above the noise-free concentration's quantile it was set from
+    assert np.all(np.isfinite(obs[mask]))
+    z = (params + model.parameter_shift(obs, design) - model.prior.mean) / model.prior.std
+    assert np.abs(z).max() <= 5.0 + 1e-9  # extreme normalised parameters were redrawn
+    assert f.shape == obs[..., 0].shape
+
+
+def test_pheno_is_read_as_iv_doses_into_the_central_compartment() -> None:
+    data = read_dataset(PHENO, covariates=["WGT", "APGR"])
+    model = get_model("pk_1cmt_iv")
+    obs, design = model.from_dataset(data)
+    assert obs.shape[0] == 59 and design["mask"].sum() == 155 and design["n_doses"].sum() == 589
+    routes = np.concatenate([design["doses"][i, : design["n_doses"][i], pkc.ROUTE] for i in range(59)])
+    assert np.all(routes == pkc.CENTRAL)
+    oral = get_model("pk_1cmt_oral")
+    od, odes = oral.from_dataset(read_dataset(THEO))
+    assert np.all(odes["doses"][:, 0, pkc.ROUTE] == pkc.DEPOT)  # CMT 1 = depot in ADVAN2 numbering
+
+
+def test_refusals_name_row_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("ID,TIME,AMT,DV,EVID,CMT\n1,0,100,.,1,3\n1,1,.,5,0,2\n")
+    with pytest.raises(DataError, match=r"row 2, column CMT: dose into compartment 3"):
+        get_model("pk_1cmt_oral").from_dataset(read_dataset(path))
+    rows = ["ID,TIME,AMT,DV,EVID"] + [f"1,{t},10,.,1" for t in range(70)] + ["1,80,.,1.0,0"]
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match="at most 60"):
+        get_model("pk_1cmt_iv").from_dataset(read_dataset(path))
+
+
+@pytest.mark.parametrize("kind", ["additive", "proportional", "combined"])
+def test_exact_likelihood_of_predictions(kind: str) -> None:
+    """Per-draw residual statistics give the Gaussian (and M3) log-likelihood of the model's own predictions."""
+    model = get_model("pk_2cmt_oral")
+    params, obs, design = simulate_batch(model, 30, np.random.default_rng(3))
+    plan = plan_weights("exact", model, PopulationConfig(residual_error=kind), obs, design)
+    assert plan.residual.kind == kind and plan.aux_index.size == 0
+    phi = params[:, None, :] + 0.05 * np.random.default_rng(4).standard_normal((30, 3, params.shape[1]))
+    stats, failed = residual_statistics(model, phi, obs, design, kind)
+    a, b = 0.3, 0.15
+    ll = draw_logliks(stats, a if kind != "proportional" else 0.0, b if kind != "additive" else 0.0)
+    from scipy import stats as st
+
+    for i in (0, 7, 19):
+        for j in range(3):
+            f = model.predict(phi[i, j][None], {k: v[i:i + 1] for k, v in design.items()})[0, :, 0]
+            m, c = design["mask"][i], design["censored"][i]
+            sd = {"additive": a + 0 * f, "proportional": b * np.abs(f), "combined": np.sqrt(a**2 + (b * f) ** 2)}[kind]
+            y = obs[i, :, 0]
+            with np.errstate(all="ignore"):
+                ref = np.sum(np.where(c, st.norm.logcdf((y - f) / sd), st.norm.logpdf(y, f, sd))[m])
+            if not np.isfinite(ref):  # a zero prediction under a proportional error: the draw has likelihood 0
+                assert ll[i, j] == -np.inf
+                continue
+            assert ll[i, j] == pytest.approx(ref, rel=1e-6, abs=1e-6)
