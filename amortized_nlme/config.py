@@ -179,12 +179,21 @@ class PopulationConfig(_Section):
         return {k: (CovariateDefinition(column=v) if isinstance(v, str) else v)
                 for k, v in self.covariate_definitions.items()}
 
-    def covariate_data_columns(self) -> list[str]:
-        """The data columns the covariate definitions read (what the data reader must read)."""
-        return [d.column or name for name, d in self.definitions().items()]
+    def used_definitions(self, candidates: list[str] | tuple[str, ...] = ()) -> dict[str, CovariateDefinition]:
+        """The covariate definitions a fit needs: those named in ``[covariates]`` and the ``candidates`` of a
+        covariate search (a definition nobody uses does not make its data column compulsory)."""
+        wanted = {c for cs in self.covariates.values() for c in cs} | set(candidates)
+        defs = self.definitions()
+        return {name: d for name, d in defs.items()
+                if name in wanted or any(w.startswith(f"{name}_") for w in wanted)}
 
-    def categorical_data_columns(self) -> list[str]:
-        return [d.column or name for name, d in self.definitions().items() if d.transform == "categorical"]
+    def covariate_data_columns(self, candidates: list[str] | tuple[str, ...] = ()) -> list[str]:
+        """The data columns the used covariate definitions read (what the data reader must read)."""
+        return [d.column or name for name, d in self.used_definitions(candidates).items()]
+
+    def categorical_data_columns(self, candidates: list[str] | tuple[str, ...] = ()) -> list[str]:
+        return [d.column or name for name, d in self.used_definitions(candidates).items()
+                if d.transform == "categorical"]
 
 
 class WorkflowConfig(_Section):

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class InferenceOptions:
     marginal: str = "auto"  # importance-sampling -2LL/AIC/BIC/BICc: "on", "off", or "auto" (on for small data)
     likelihood: str = "auto"  # "amortized" (weights 1/p(phi)), "exact" (p(y|phi)/q(phi|y)), "auto"
     profile_parameters: list[str] | None = None
+    covariate_candidates: list[str] | None = None  # select-covariates: definitions to read besides the used ones
 
 
 @dataclass
@@ -102,14 +103,15 @@ def population_config(opts: InferenceOptions, workflow: WorkflowConfig) -> tuple
     return workflow.population, f"the {workflow.model} workflow's [population]"
 
 
-def read_data(path: str, workflow: WorkflowConfig, population: PopulationConfig) -> Dataset:
+def read_data(path: str, workflow: WorkflowConfig, population: PopulationConfig,
+              candidates: list[str] | tuple[str, ...] = ()) -> Dataset:
     """Read ``path`` with the generic reader: the workflow's ``[data]`` options overridden by the population file's
     ``[data]`` table; covariates are exactly the columns the population file's definitions use, groups the column
     of its ``[groups]``."""
     options = workflow.data.merged(population.data)
     kwargs = options.reader_options()
-    categorical = list(dict.fromkeys([*kwargs.pop("categorical"), *population.categorical_data_columns()]))
-    covariates = list(dict.fromkeys(population.covariate_data_columns() + categorical))
+    categorical = list(dict.fromkeys([*kwargs.pop("categorical"), *population.categorical_data_columns(candidates)]))
+    covariates = list(dict.fromkeys(population.covariate_data_columns(candidates) + categorical))
     return read_dataset(resolve_data_path(path), covariates=covariates, categorical=categorical,
                         group=population.groups.column if population.groups else None, **kwargs)
 
@@ -178,7 +180,7 @@ def prepare_inference(opts: InferenceOptions) -> InferenceContext:
     model = get_model(workflow.model, **workflow.model_options)
     pop_cfg, where = population_config(opts, workflow)
     likelihood = resolve_likelihood(opts.likelihood, model)
-    data = read_data(opts.data, workflow, pop_cfg)
+    data = read_data(opts.data, workflow, pop_cfg, opts.covariate_candidates or ())
     if opts.groups:
         if data.groups is None:
             raise ConfigError(f"--groups given, but {opts.data} was read without a group column (set [groups] column "
@@ -201,7 +203,8 @@ def prepare_inference(opts: InferenceOptions) -> InferenceContext:
 
     plan = plan_weights(likelihood, model, pop_cfg, observations, design)
     population, covariates, groups = bind_population(pop_cfg, plan.prior(model), data.covariates, data.groups,
-                                                     data.n_individuals, where, residual=plan.residual)
+                                                     data.n_individuals, where, residual=plan.residual,
+                                                     candidates=opts.covariate_candidates or ())
     logger.info("population likelihood: %s%s", likelihood,
                 f" (residual error {plan.residual.kind}, a population parameter)" if plan.residual else "")
 
@@ -527,6 +530,7 @@ def run_selection(opts: InferenceOptions, candidates: list[str], parameters: lis
     from amortized_nlme.population import ImportanceSampler, count_observations, select_covariates, write_selection
     from amortized_nlme.population.marginal import count_parameters
 
+    opts = replace(opts, covariate_candidates=list(candidates))
     ctx = prepare_inference(opts)
     n_obs = count_observations(ctx.observations, ctx.design)
     if ctx.likelihood == "exact":
@@ -545,9 +549,7 @@ def run_selection(opts: InferenceOptions, candidates: list[str], parameters: lis
     if refit:
         selected = write_selected_population(ctx.population_config, result.selected.model, out / "selected_population.toml")
         print(f"fitting the selected model ({selected})", flush=True)
-        from dataclasses import replace
-
-        run_inference(replace(opts, population=str(selected), out=str(out / "selected")))
+        run_inference(replace(opts, population=str(selected), out=str(out / "selected"), covariate_candidates=None))
     return out
 
 

@@ -291,7 +291,7 @@ def find_modes(target: TargetDensity, x0: np.ndarray, rows: np.ndarray, h: np.nd
         P = _negdef(H)
         d = np.linalg.solve(P, g[..., None])[..., 0]
         decrement = np.einsum("rk,rk->r", g, d)
-        done = ~(decrement > 1e-7) | ~np.all(np.isfinite(d), axis=1)
+        done = ~(decrement > 1e-5) | ~np.all(np.isfinite(d), axis=1)
         step = np.ones(idx.size)
         accepted = np.zeros(idx.size, dtype=bool)
         for _ls in range(12):
@@ -316,12 +316,14 @@ def find_modes(target: TargetDensity, x0: np.ndarray, rows: np.ndarray, h: np.nd
 
 
 def build_mixtures(objective: PopulationObjective, theta: np.ndarray, proposals: ProposalSet, drawset,
-                   individuals: np.ndarray, inflation: float = 1.0, n_starts: int = 3) -> dict[int, TMixture]:
+                   individuals: np.ndarray, inflation: float = 1.0, n_starts: int = 1) -> dict[int, TMixture]:
     """t mixtures around the modes of the flagged ``individuals``' posteriors at ``theta``, started from each one's
     heaviest draws and its weighted mean (modes closer than one posterior sd are merged)."""
     target = TargetDensity(objective, theta, proposals.model, proposals.plan, proposals.observations,
                            proposals.design, proposals.aux)
-    w = objective.weights(theta, None)[individuals] if individuals.size else np.zeros((0, drawset.M))
+    lw = objective.log_weights(theta, None)[individuals] if individuals.size else np.zeros((0, drawset.M))
+    w = np.exp(lw - np.max(np.where(np.isfinite(lw), lw, -np.inf), axis=1, keepdims=True)) if lw.size else lw
+    w = np.nan_to_num(w / np.maximum(w.sum(axis=1, keepdims=True), 1e-300))
     psi = drawset.draws[individuals]
     k = psi.shape[2]
     starts, owner = [], []
@@ -329,7 +331,15 @@ def build_mixtures(objective: PopulationObjective, theta: np.ndarray, proposals:
         wi = np.nan_to_num(w[r])
         top = np.argsort(-wi)[:n_starts]
         mean = wi @ psi[r] if wi.sum() > 0 else psi[r].mean(axis=0)
-        for x in [mean, *psi[r][top]]:
+        # the estimator knows modes the current weights may not show (e.g. a symmetric model's mirror mode): one
+        # start in each cluster of its draws, at the cluster's heaviest draw; starts closer than a quarter of the
+        # draws' spread to an earlier one are dropped (they would find the same mode)
+        sd = np.maximum(psi[r].std(axis=0), 1e-12)
+        kept: list[np.ndarray] = []
+        for x in [*psi[r][top], mean, *cluster_starts(psi[r], wi, lw[r])]:
+            if all(np.max(np.abs(x - y) / sd) > 0.25 for y in kept):
+                kept.append(x)
+        for x in kept:
             starts.append(x)
             owner.append(r)
     starts, owner = np.array(starts), np.array(owner)
@@ -371,6 +381,26 @@ def build_mixtures(objective: PopulationObjective, theta: np.ndarray, proposals:
                 pass
         if locs:
             out[int(i)] = TMixture(np.array(locs), np.array(chols), np.array(logpi))
+    return out
+
+
+def cluster_starts(draws: np.ndarray, weights: np.ndarray, log_weights: np.ndarray, n_clusters: int = 3,
+                   iterations: int = 10) -> list[np.ndarray]:
+    """One start per k-means cluster of an individual's draws (standardised): the cluster's draw with the largest
+    log weight. Cheap and generic: it finds the estimator's other modes where the weights sit on one."""
+    x = (draws - draws.mean(axis=0)) / np.maximum(draws.std(axis=0), 1e-12)
+    rng = np.random.default_rng(0)
+    centres = x[rng.choice(x.shape[0], size=min(n_clusters, x.shape[0]), replace=False)]
+    for _ in range(iterations):
+        label = np.argmin(((x[:, None, :] - centres[None]) ** 2).sum(axis=2), axis=1)
+        centres = np.array([x[label == c].mean(axis=0) if np.any(label == c) else centres[c]
+                            for c in range(centres.shape[0])])
+    out = []
+    lw = np.where(np.isfinite(log_weights), log_weights, -np.inf)
+    for c in range(centres.shape[0]):
+        members = np.flatnonzero(label == c)
+        if members.size:
+            out.append(draws[members[np.argmax(lw[members])]])
     return out
 
 

@@ -118,7 +118,7 @@ def check_support(estimator, model: IndividualModel, observations: np.ndarray, d
     flags: list[list[str]] = [[] for _ in range(observations.shape[0])]
     for (name, values), lo, hi in zip(feats.items(), ref["low"], ref["high"]):
         # counts must be within the training range; continuous features within it plus 5 % of its width
-        slack = 0.0 if name in COUNT_FEATURES else RANGE_SLACK * (hi - lo)
+        slack = 0.0 if name in COUNT_FEATURES else RANGE_SLACK * (hi - lo) + 1e-3 * max(abs(lo), abs(hi))
         for i in np.flatnonzero((values < lo - slack) | (values > hi + slack)):
             flags[i].append(f"{name.replace('_', ' ')} {values[i]:g} outside the training designs' {lo:g}-{hi:g}")
     s = estimator.summaries(observations, design)

@@ -112,11 +112,16 @@ def population_from_config(config: PopulationConfig, prior: NormalPrior, group_l
 
 def bind_population(config: PopulationConfig, prior: NormalPrior, covariate_frame: pd.DataFrame,
                     group_labels: np.ndarray | None, n_individuals: int, where: str,
-                    residual: ResidualError | None = None
+                    residual: ResidualError | None = None, candidates: Sequence[str] = ()
                     ) -> tuple[PopulationModel, dict[str, np.ndarray], np.ndarray | None]:
     """Population model (over the parameters of ``prior``, with ``residual`` sds as population parameters) +
     transformed covariate columns + group labels for one data set, validated together."""
-    covariates = covariate_columns(covariate_frame, config.definitions(), where)
+    unknown = [c for cs in config.covariates.values() for c in cs
+               if c not in config.definitions() and c not in covariate_frame.columns]
+    if unknown:
+        raise ConfigError(f"{where}: [covariates] uses {sorted(set(unknown))}, which [covariate_definitions] does not "
+                          f"define (defined: {sorted(config.definitions())})")
+    covariates = covariate_columns(covariate_frame, config.used_definitions(list(candidates)), where)
     groups = None
     levels = None
     if config.groups is not None:
