@@ -13,16 +13,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from amortized_nlme import report
 import amortized_nlme.report.writer  # noqa: F401 - patched in a test
+from amortized_nlme import report
+from amortized_nlme.population import PopulationModel
 from amortized_nlme.population.fit import fit
 from amortized_nlme.population.objective import DrawSet
-from amortized_nlme.population import PopulationModel
 from simulators.mrna_simple import MrnaSimple
 
 N, M = 60, 40
 GROUPS = ("eGFP", "d2eGFP")
-PLOTS = ("waterfall.png", "profiles.png", "individual_fits.png", "vpc.png", "parameter_distributions.png")
+PLOTS = ("waterfall.png", "profiles.png", "gof_dv_vs_pred.png", "gof_residuals.png", "npde.png", "eta_covariates.png",
+         "eta_distributions.png", "parameter_distributions.png", "vpc.png", "pcvpc.png", "individual_fits.png")
+TABLES = ("estimates.csv", "random_effects.csv", "covariance.csv", "correlation.csv", "sdtab.csv", "patab.csv",
+          "individual_estimates.csv")
 
 
 def _population(model: MrnaSimple) -> PopulationModel:
@@ -72,9 +75,10 @@ def written(problem, tmp_path_factory):
 
 def test_every_file_written(written) -> None:
     names = {p.name for p in written.iterdir()}
-    expected = {report.ESTIMATES_FILE, report.SUMMARY_FILE, report.INDIVIDUAL_FILE, report.PYPESTO_FILE,
-                report.REPORT_FILE, *PLOTS}
+    expected = {report.SUMMARY_FILE, report.PYPESTO_FILE, report.REPORT_FILE, report.INDIVIDUAL_FITS_PDF, *TABLES,
+                *PLOTS}
     assert expected <= names, expected - names
+    assert "pcvpc_log.png" not in names  # log-scale observations: no log axis
     assert not any(p.name.startswith(".") for p in written.parent.iterdir())  # no temp folders left
     plain = written.parent / "plain"
     plain.mkdir()
@@ -82,8 +86,12 @@ def test_every_file_written(written) -> None:
     for png in PLOTS:
         data = (written / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+    pdf = (written / report.INDIVIDUAL_FITS_PDF).read_bytes()
+    assert pdf[:5] == b"%PDF-" and len(pdf) > 50_000
+    assert pdf.count(b"/Type /Page\n") + pdf.count(b"/Type /Page ") + pdf.count(b"/Type/Page") >= 4  # 60 / 16
     md = (written / report.REPORT_FILE).read_text()
     assert "beta_kms[d2eGFP]" in md and all(f"]({png})" in md for png in PLOTS)
+    assert all(f"]({f})" in md for f in (*TABLES, report.INDIVIDUAL_FITS_PDF))
 
 
 def test_estimates_csv_matches_fit(written, problem) -> None:
@@ -122,6 +130,8 @@ def test_summary_json_round_trips(written, problem) -> None:
     assert s["n_individuals"] == N and s["n_draws_per_individual"] == M
     assert s["ess"]["ess_median"] == pytest.approx(float(np.median(fr.diagnostics.ess)))
     assert set(PLOTS) == set(s["plots"])
+    assert s["npde"]["n_simulations"] >= 200 and s["npde"]["n"] == N * 60
+    assert s["vpc"]["stratified_by"] == "group" and s["subsampling"] == {}
 
 
 def test_individual_estimates(written, problem) -> None:
@@ -154,7 +164,7 @@ def test_failure_leaves_no_final_folder(problem, tmp_path, monkeypatch) -> None:
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(report.writer, "plot_vpc", boom)
+    monkeypatch.setattr(report.writer, "plot_waterfall", boom)  # after the tables, before the other figures
     with pytest.raises(RuntimeError, match="disk full"):
         _write(problem, tmp_path / "new")
     assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
@@ -168,6 +178,7 @@ def test_failure_leaves_no_final_folder(problem, tmp_path, monkeypatch) -> None:
     monkeypatch.undo()
     _write(problem, old, plots=False)  # a successful rewrite replaces it as a whole
     assert (old / "estimates.csv").read_text() != "previous" and not (old / "vpc.png").exists()
+    assert (old / report.SDTAB_FILE).exists() and not (old / report.INDIVIDUAL_FITS_PDF).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
 
 
@@ -203,3 +214,48 @@ def test_time_bins_irregular() -> None:
     assert np.all(idx[~mask] == -1) and np.all((idx[mask] >= 0) & (idx[mask] < 10))
     counts = np.bincount(idx[mask])
     assert counts.min() > 0.5 * counts.mean()
+
+
+def test_sdtab_and_patab(written, problem) -> None:
+    """One row per observation and per individual; IPRED is the prediction at the conditional means of
+    individual_estimates.csv, PRED at the typical individual of its group; IWRES uses each cell's sigma."""
+    model, fr, design = problem["model"], problem["fit"], problem["design"]
+    sd = pd.read_csv(written / report.SDTAB_FILE)
+    assert list(sd.columns) == ["ID", "TIME", "GROUP", "DV", "PRED", "IPRED", "RES", "IRES", "IWRES", "EPRED", "NPDE",
+                                "BLQ"]
+    assert len(sd) == design["mask"].sum() and (sd["BLQ"] == 0).all()
+    ind = pd.read_csv(written / report.INDIVIDUAL_FILE)
+    cm = ind[[f"log_{p}_cond_mean" for p in model.param_names]].to_numpy()
+    ipred = model.predict(cm, design)[..., 0][design["mask"]]
+    np.testing.assert_allclose(sd["IPRED"], ipred, rtol=1e-10)
+    mu = fr.model.design(N, None, problem["groups"]).mean(fr.estimate)
+    np.testing.assert_allclose(sd["PRED"], model.predict(mu, design)[..., 0][design["mask"]], rtol=1e-10)
+    sigma = np.exp(cm[:, 5])[np.nonzero(design["mask"])[0]]
+    np.testing.assert_allclose(sd["IWRES"], (sd["DV"] - sd["IPRED"]) / sigma, rtol=1e-10)
+    np.testing.assert_allclose(sd["RES"], sd["DV"] - sd["PRED"], rtol=1e-10)
+    assert sd["NPDE"].notna().all() and abs(sd["NPDE"].mean()) < 0.15 and abs(sd["NPDE"].std() - 1) < 0.15
+    pa = pd.read_csv(written / report.PATAB_FILE)
+    assert len(pa) == N and list(pa["ID"]) == problem["ids"] and list(pa["GROUP"]) == list(problem["groups"])
+    np.testing.assert_allclose(np.log(pa["kms"]), cm[:, 2])
+    np.testing.assert_allclose(pa["ETA_kms"], cm[:, 2] - mu[:, 2])
+    assert "ETA_sigma" not in pa  # no random effect
+    np.testing.assert_allclose(pa["wt"], problem["covariates"]["wt"])
+
+
+def test_pcvpc_covers_data_from_the_fitted_population_and_has_power(problem) -> None:
+    model, pop, fr = problem["model"], problem["pop"], problem["fit"]
+    rng = np.random.default_rng(6)
+    n = 200
+    groups = np.array([GROUPS[i % 2] for i in range(n)])
+    design = {"times": np.tile(problem["design"]["times"][0], (n, 1)), "mask": np.ones((n, 60), dtype=bool)}
+    phi = report.sample_population(pop, fr.estimate, n, None, groups, rng)[0]
+    obs = model.simulate(phi, design, rng)
+    kw = dict(n_replicates=40, seed=3, prediction_corrected=True)
+    panels = report.visual_predictive_check(pop, fr.estimate, model, obs, design, None, groups, **kw)
+    assert all(p.prediction_corrected and p.log_dv for p in panels)  # log_fluorescence: additive correction
+    assert all(p.coverage() >= 0.7 for p in panels), [p.coverage() for p in panels]
+    wrong = fr.estimate.copy()
+    wrong[pop.parameter_names.index("log_omega_kms")] += 1.0  # more variability than the data have
+    bad = report.visual_predictive_check(pop, wrong, model, obs, design, None, groups, **kw)
+    assert all(p.coverage(0) < 0.4 and p.coverage(2) < 0.4 for p in bad), [(p.coverage(0), p.coverage(2))
+                                                                            for p in bad]

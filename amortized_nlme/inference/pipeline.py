@@ -28,7 +28,7 @@ from amortized_nlme.inference.likelihood import (  # noqa: E402
 from amortized_nlme.inference.proposal import ProposalSet, build_mixtures, diagnose  # noqa: E402
 from amortized_nlme.inference.status import assess  # noqa: E402
 from amortized_nlme.inference.support import check_support  # noqa: E402
-from amortized_nlme.model import Design, IndividualModel  # noqa: E402
+from amortized_nlme.model import Design, IndividualModel, NormalPrior  # noqa: E402
 from amortized_nlme.population import DrawSet, PopulationModel, bind_population  # noqa: E402
 from amortized_nlme.posterior import TrainedEstimator, load_estimator, posterior_draws  # noqa: E402
 from amortized_nlme.provenance import package_versions, platform_description  # noqa: E402
@@ -423,9 +423,11 @@ def run_inference(opts: InferenceOptions) -> Path:
     extra = {"status": status.to_dict(), "monte_carlo": mc, "model_selection": selection,
              "proposal_diagnostics": proposal, "support": support, "kernel": kernel,
              "timings_s": {k: round(v, 2) for k, v in ctx.timings.items()}}
-    write_results(out, fit=fr, model=ctx.model, observations=ctx.observations, design=ctx.design, draws=ctx.draws,
+    report_model = population_space_model(ctx.model, fr.model, fr.estimate)
+    draws = ctx.draws[..., [list(ctx.model.param_names).index(p) for p in fr.model.param_names_individual]]
+    write_results(out, fit=fr, model=report_model, observations=ctx.observations, design=ctx.design, draws=draws,
                   ids=list(ctx.dataset.ids), covariates=ctx.covariates, groups=ctx.groups, inputs=inputs, extra=extra,
-                  seed=opts.seed)
+                  seed=opts.seed, residual=report_residual(fr), censoring=report_censoring(ctx))
     print(format_estimates(fr))
     if selection.get("computed"):
         print(f"-2LL {selection['minus2ll']:.2f} (MC SE {selection['minus2ll_se']:.2f}), AIC {selection['aic']:.2f}, "
@@ -438,6 +440,74 @@ def run_inference(opts: InferenceOptions) -> Path:
     ctx.status = status
     run_inference.last_status = status.level  # type: ignore[attr-defined]
     return out
+
+
+class PopulationSpaceModel(IndividualModel):
+    """The individual model seen through the population model's parameters, for the report: its parameters are the
+    population's individual parameters, and residual sds that the population estimates as population parameters are
+    filled in at their estimates before the model predicts or simulates."""
+
+    def __init__(self, model: IndividualModel, population: PopulationModel, theta: np.ndarray) -> None:
+        self._model, self._population, self._theta = model, population, np.asarray(theta, dtype=np.float64)
+        self.name, self.version = model.name, model.version
+        self.param_names = tuple(population.param_names_individual)
+        self.obs_names, self.n_obs_types = model.obs_names, model.n_obs_types
+        self.max_time_points, self.time_unit = model.max_time_points, model.time_unit
+        self.derived_parameters = getattr(model, "derived_parameters", ())
+
+    @property
+    def prior(self) -> NormalPrior:
+        return self._population.prior
+
+    def full(self, psi: np.ndarray) -> np.ndarray:
+        """The individual model's parameter vectors for population-space ones ``psi [n, k_pop]``."""
+        from amortized_nlme.report.vpc import full_parameters
+
+        return full_parameters(self._model, self._population, self._theta, np.asarray(psi, dtype=np.float64))
+
+    def sample_design(self, n: int, rng: np.random.Generator) -> Design:
+        return self._model.sample_design(n, rng)
+
+    def simulate(self, phi: np.ndarray, design: Design, rng: np.random.Generator) -> np.ndarray:
+        return self._model.simulate(self.full(phi), design, rng)
+
+    def predict(self, phi: np.ndarray, design: Design) -> np.ndarray:
+        return self._model.predict(self.full(phi), design)
+
+    def encode(self, observations: np.ndarray, design: Design) -> np.ndarray:
+        return self._model.encode(observations, design)
+
+    def from_dataset(self, data: Dataset) -> tuple[np.ndarray, Design]:
+        return self._model.from_dataset(data)
+
+
+def population_space_model(model: IndividualModel, population: PopulationModel, theta: np.ndarray
+                           ) -> IndividualModel:
+    """``model`` itself when the population covers all its parameters, else a :class:`PopulationSpaceModel`."""
+    if tuple(population.param_names_individual) == tuple(model.param_names):
+        return model
+    return PopulationSpaceModel(model, population, theta)
+
+
+def report_residual(fr):
+    """The population-level residual error of the fit, as the report describes it (None: individual sds)."""
+    from amortized_nlme.report.residuals import ResidualError as ReportResidual
+
+    if fr.model.residual is None:
+        return None
+    a, b = fr.objective.residual_sds(fr.estimate)
+    return ReportResidual(fr.model.residual.kind, add=a, prop=b)
+
+
+def report_censoring(ctx: InferenceContext):
+    """BLQ flags and limits ``[n, T, d]`` for the report (None without censored observations)."""
+    from amortized_nlme.report.censoring import Censoring
+
+    cens = ctx.design.get("censored")
+    if cens is None or not np.asarray(cens).any():
+        return None
+    blq = np.asarray(cens, bool)[..., None] & np.asarray(ctx.design["mask"], bool)[..., None]
+    return Censoring(blq=blq, lloq=np.where(blq, ctx.observations, np.nan))
 
 
 #: "auto" computes the amortized objective's importance-sampling likelihood below this many individuals x draws x

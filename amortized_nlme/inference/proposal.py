@@ -40,6 +40,8 @@ KHAT_THRESHOLD = 0.7
 T_DF = 5.0
 #: share of the draws that stay with the estimator in a refined proposal (the defensive part)
 ALPHA = 0.2
+#: the refinement's target is -inf beyond this many training-prior sds (the estimator's support is 10)
+TARGET_SUPPORT_SD = 12.0
 
 
 # ------------------------------------------------------------------------------------------------- diagnostics
@@ -220,9 +222,19 @@ class TargetDensity:
         self.mu = objective.design.mean(theta)
         self.A = whiten_inverse(objective.model.cholesky(theta))
         self.sds = objective.residual_sds(theta)
+        self.prior = plan.prior(model)
 
     def __call__(self, psi: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Target at points ``psi [r, kp]``, row r belonging to individual ``rows[r]``."""
+        """Target at points ``psi [r, kp]``, row r belonging to individual ``rows[r]`` (-inf far outside the training
+        prior, where the model is not even evaluated: a line search may step anywhere)."""
+        out = np.full(psi.shape[0], -np.inf)
+        inside = np.all(np.abs(psi - self.prior.mean) <= TARGET_SUPPORT_SD * self.prior.std, axis=1)
+        inside &= np.all(np.isfinite(psi), axis=1)
+        if inside.any():
+            out[inside] = self._evaluate(psi[inside], rows[inside])
+        return out
+
+    def _evaluate(self, psi: np.ndarray, rows: np.ndarray) -> np.ndarray:
         z = (psi - self.mu[rows]) @ self.A.T
         log_pop = -0.5 * np.sum(z * z, axis=1)
         k = self.model.n_params

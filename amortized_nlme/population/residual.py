@@ -216,13 +216,21 @@ def _draw_logliks(mode: int, kind: int, i0: int, i1: int, M: int, a: float, b: f
     return out
 
 
-def draw_logliks(errors: ErrorStatistics, sd_add: float, sd_prop: float, rows: slice | None = None) -> np.ndarray:
-    """log p(y_i | psi_ij; sds) of every draw of individuals ``rows`` (default all), ``[n_rows, M]``."""
+def draw_logliks(errors: ErrorStatistics, sd_add: float, sd_prop: float,
+                 rows: slice | np.ndarray | None = None) -> np.ndarray:
+    """log p(y_i | psi_ij; sds) of every draw of individuals ``rows`` (a slice or indices; default all),
+    ``[n_rows, M]``."""
     mode, kind = errors.codes()
     n = errors.n_obs.shape[0]
-    i0, i1, _ = (rows or slice(None)).indices(n)
-    return _draw_logliks(mode, kind, i0, i1, errors.M, float(sd_add), float(sd_prop), errors.n_obs, errors.ssr,
+    if rows is None or isinstance(rows, slice):
+        i0, i1, step = (rows or slice(None)).indices(n)
+        if step == 1:
+            return _draw_logliks(mode, kind, i0, i1, errors.M, float(sd_add), float(sd_prop), errors.n_obs,
+                                 errors.ssr, errors.sum_log_f, errors.y, errors.observed, errors.censored, errors.f)
+        rows = np.arange(i0, i1, step)
+    full = _draw_logliks(mode, kind, 0, n, errors.M, float(sd_add), float(sd_prop), errors.n_obs, errors.ssr,
                          errors.sum_log_f, errors.y, errors.observed, errors.censored, errors.f)
+    return full[np.asarray(rows)]
 
 
 def residual_start(errors: ErrorStatistics, kind: str) -> np.ndarray:

@@ -1,30 +1,27 @@
-"""The figures of a results folder: multistart waterfall, profiles, individual fits, VPC, parameter distributions."""
+"""The figures of a results folder that are not goodness-of-fit scatter plots: multistart waterfall, profile
+likelihoods, parameter distributions and the VPCs (shared plotting helpers live here too)."""
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from amortized_nlme.model import Design, IndividualModel, take_design
+from amortized_nlme.model import IndividualModel
 from amortized_nlme.population.fit import FitResult
-from amortized_nlme.report.constants import (
-    MAX_DENSITY_INDIVIDUALS,
-    N_FIT_DRAWS,
-    N_INDIVIDUAL_FITS,
-)
-from amortized_nlme.report.tables import level_tag
+from amortized_nlme.report.constants import MAX_DENSITY_INDIVIDUALS
+from amortized_nlme.report.parameters import level_tag
 from amortized_nlme.report.vpc import VPCPanel
 
 logger = logging.getLogger(__name__)
 
 
 # ============================================================================ plots
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,9 +30,27 @@ def _pyplot():
     return plt
 
 
-def _time_label(model: IndividualModel) -> str:
+def time_label(model: IndividualModel) -> str:
     unit = getattr(model, "time_unit", None)
     return f"time [{unit}]" if unit else "time"
+
+
+def finish(fig: Any, title: str, path: Path, fontsize: float = 10.0, dpi: int = 100) -> None:
+    """Give a figure its title (lines wrapped to the figure's width), lay it out below the title, save and close."""
+    import textwrap
+
+    width = max(20, int(fig.get_figwidth() * 72 / (0.58 * fontsize)))
+    lines = [w for line in title.split("\n") for w in (textwrap.wrap(line, width) or [""])]
+    fig.suptitle("\n".join(lines), fontsize=fontsize)
+    fig.set_layout_engine("constrained")
+    save(fig, path, dpi)
+
+
+def save(fig: Any, path: Path, dpi: int = 100) -> None:
+    """Save and close a figure."""
+    plt = pyplot()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
 
 
 def _tight(fig: Any) -> None:
@@ -44,7 +59,7 @@ def _tight(fig: Any) -> None:
         fig.tight_layout()
 
 
-def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
+def grid(n: int, max_cols: int = 4) -> tuple[int, int]:
     cols = min(n, max_cols)
     return int(math.ceil(n / cols)), cols
 
@@ -55,7 +70,7 @@ def optima_phrase(n: int) -> str:
 
 def plot_waterfall(fit: FitResult, path: Path) -> None:
     """pyPESTO waterfall plot of the multistart final objective values."""
-    plt = _pyplot()
+    pyplot()
     import pypesto.visualize
 
     if fit.pilot is None:
@@ -69,8 +84,7 @@ def plot_waterfall(fit: FitResult, path: Path) -> None:
                      f"{fit.objective.draws.M} draws", fontsize=10)
     fig = ax.get_figure()
     _tight(fig)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def plot_profiles(fit: FitResult, path: Path) -> bool:
@@ -81,12 +95,12 @@ def plot_profiles(fit: FitResult, path: Path) -> bool:
     indices = [i for i, p in enumerate(plist[-1]) if p is not None]
     if not indices:
         return False
-    plt = _pyplot()
+    pyplot()
     import pypesto.profile
     import pypesto.visualize
     from matplotlib.ticker import MaxNLocator
 
-    rows, cols = _grid(len(indices))
+    rows, cols = grid(len(indices))
     axes = pypesto.visualize.profiles(fit.result, profile_indices=indices, profile_list_ids=len(plist) - 1,
                                       size=(max(6.0, 3.6 * cols), 3.2 * rows + 0.6),
                                       x_labels=[fit.parameter_names[i] for i in indices])
@@ -103,128 +117,8 @@ def plot_profiles(fit: FitResult, path: Path) -> bool:
     fig.suptitle("Profile likelihoods (log/unconstrained scale)" + (f"\ndotted: {levels} thresholds" if levels else ""),
                  fontsize=10)
     _tight(fig)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
     return True
-
-
-def _pick_individuals(n: int, groups: np.ndarray | None, k: int, rng: np.random.Generator) -> np.ndarray:
-    """``k`` individuals spread evenly over the groups (round robin, random within a group)."""
-    if groups is None:
-        return np.sort(rng.choice(n, size=min(k, n), replace=False))
-    labels = np.asarray(groups).astype(str)
-    pools = [list(rng.permutation(np.flatnonzero(labels == g))) for g in sorted(set(labels.tolist()))]
-    out: list[int] = []
-    while len(out) < min(k, n):
-        for pool in pools:
-            if pool and len(out) < k:
-                out.append(int(pool.pop()))
-    return np.array(out, dtype=np.int64)
-
-
-def _prediction_design(design: Design, n_points: int = 120, dense_enough: int = 60) -> Design:
-    """Design for smooth prediction curves: each individual's observation times when there are at least
-    ``dense_enough`` (or when another design entry is laid out per time point and so cannot be regridded), else
-    ``n_points`` equally spaced times over the observed range, the other (per-individual) design entries unchanged."""
-    times = np.asarray(design["times"], dtype=np.float64)
-    mask = np.asarray(design["mask"], dtype=bool)
-    T = times.shape[1]
-    per_time = [key for key, v in design.items() if key not in ("times", "mask") and np.ndim(v) >= 2
-                and np.shape(v)[1] == T]
-    if per_time or mask.sum(axis=1).min() >= dense_enough:
-        return design
-    grid = np.empty((times.shape[0], n_points))
-    for i in range(times.shape[0]):
-        t = times[i, mask[i]]
-        grid[i] = np.linspace(t.min(), t.max(), n_points) if t.size else 0.0
-    out = dict(design)
-    out["times"] = grid
-    out["mask"] = np.ones_like(grid, dtype=bool)
-    return out
-
-
-def plot_individual_fits(model: IndividualModel, observations: np.ndarray, design: Design, draws: np.ndarray,
-                         ids: Sequence[str], groups: np.ndarray | None, path: Path, rng: np.random.Generator,
-                         n_panels: int = N_INDIVIDUAL_FITS, n_draws: int = N_FIT_DRAWS) -> None:
-    """Observed data and the posterior-predictive median and 90% band of the noise-free model output of a few
-    individuals (``n_draws`` posterior draws each)."""
-    plt = _pyplot()
-    n, M, k = draws.shape
-    pick = _pick_individuals(n, groups, n_panels, rng)
-    S = min(n_draws, M)
-    didx = np.stack([rng.choice(M, size=S, replace=False) for _ in pick])
-    phi = draws[pick[:, None], didx].reshape(-1, k)
-    pdesign = _prediction_design(take_design(design, pick))
-    pred = model.predict(phi, take_design(pdesign, np.repeat(np.arange(pick.size), S)))
-    pred = pred.reshape(pick.size, S, *pred.shape[1:])
-    lo, med, hi = np.quantile(pred, [0.05, 0.5, 0.95], axis=1)
-    rows, cols = _grid(pick.size)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False, sharex=False)
-    d = observations.shape[2]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for a, (ax, i) in enumerate(zip(axes.flat, pick)):
-        msk = np.asarray(design["mask"][i], dtype=bool)
-        t = np.asarray(design["times"][i], dtype=np.float64)[msk]
-        pm = np.asarray(pdesign["mask"][a], dtype=bool)
-        tp = np.asarray(pdesign["times"][a], dtype=np.float64)[pm]
-        order = np.argsort(tp)
-        tp = tp[order]
-        for j in range(d):
-            c = colors[j % len(colors)]
-            lbl = model.obs_names[j] if j < len(model.obs_names) else f"y{j}"
-            ax.fill_between(tp, lo[a, pm, j][order], hi[a, pm, j][order], color=c, alpha=0.3, lw=0,
-                            label="90% posterior band" if j == 0 else None)
-            ax.plot(tp, med[a, pm, j][order], color=c, lw=1.5, label="posterior median" if j == 0 else None)
-            ax.plot(t, observations[i, msk, j], "o", ms=2.2, color="k" if d == 1 else c, alpha=0.7,
-                    label=("observed" if d == 1 else lbl))
-        title = str(ids[i]) + (f" ({np.asarray(groups)[i]})" if groups is not None else "")
-        ax.set_title(title, fontsize=9)
-        if a % cols == 0:
-            ax.set_ylabel(", ".join(model.obs_names) if d > 1 else model.obs_names[0])
-        if a >= (rows - 1) * cols or a + cols >= pick.size:
-            ax.set_xlabel(_time_label(model))
-    for ax in list(axes.flat)[pick.size:]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"Individual fits: data and posterior predictive (noise-free model, {S} posterior draws each)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_vpc(panels: list[VPCPanel], model: IndividualModel, path: Path, n_replicates: int, n_individuals: int) -> None:
-    """Visual predictive check: observed 10/50/90% quantiles per time bin over the simulated 90% intervals of the same
-    quantiles; one column per group, one row per observation type."""
-    plt = _pyplot()
-    strata = sorted({p.stratum for p in panels}, key=lambda s: [p.stratum for p in panels].index(s))
-    n_obs = max(p.obs_index for p in panels) + 1
-    fig, axes = plt.subplots(n_obs, len(strata), figsize=(max(8.0, 4.8 * len(strata)), 3.8 * n_obs), squeeze=False,
-                             sharey="row")
-    for p in panels:
-        ax = axes[p.obs_index, strata.index(p.stratum)]
-        ok = np.isfinite(p.observed[:, 0])
-        t = p.times[ok]
-        i_mid = int(np.argmin(np.abs(np.asarray(p.quantiles) - 0.5)))
-        outer = " and ".join(f"{int(round(qv * 100))}%" for q, qv in enumerate(p.quantiles) if q != i_mid)
-        first_outer = min((q for q in range(len(p.quantiles)) if q != i_mid), default=-1)
-        for q, qv in enumerate(p.quantiles):
-            mid = q == i_mid
-            name = f"{int(round(qv * 100))}% quantile" if mid else f"{outer} quantiles"
-            show = mid or q == first_outer
-            band = f"simulated {p.interval:.0%} interval, {name}" if show else None
-            ax.fill_between(t, p.sim_lo[ok, q], p.sim_hi[ok, q], color="tab:red" if mid else "tab:blue",
-                            alpha=0.25 if mid else 0.2, lw=0, label=band)
-            ax.plot(t, p.observed[ok, q], color="k", lw=1.6 if mid else 1.0, ls="-" if mid else "--",
-                    label=f"observed {name}" if show else None)
-        ax.set_title(f"{p.stratum}" if p.stratum != "all" else "all individuals", fontsize=10)
-        ax.set_xlabel(_time_label(model))
-        ax.set_ylabel(p.obs_name)
-    axes.flat[0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"Visual predictive check\n{n_replicates} replicate populations of {n_individuals} individuals "
-                 "simulated from the fitted population model", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_parameter_distributions(fit: FitResult, draws: np.ndarray, covariates: Mapping[str, np.ndarray] | None,
@@ -234,7 +128,7 @@ def plot_parameter_distributions(fit: FitResult, draws: np.ndarray, covariates: 
     """Histogram of the individual posterior medians of each log-parameter (and, when given, of the conditional means
     under the fitted population, with the eta shrinkage in the title) against the fitted population density (a
     mixture of normals over the individuals' covariates and groups)."""
-    plt = _pyplot()
+    plt = pyplot()
     pop = fit.model
     n = draws.shape[0]
     med = np.median(draws, axis=1)
@@ -244,7 +138,7 @@ def plot_parameter_distributions(fit: FitResult, draws: np.ndarray, covariates: 
     L = pop.cholesky(fit.estimate)
     sd = np.sqrt(np.sum(L * L, axis=1))
     k = pop.k
-    rows, cols = _grid(k, 3)
+    rows, cols = grid(k, 3)
     fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.0 * rows), squeeze=False)
     for p, name in enumerate(pop.param_names_individual):
         ax = axes.flat[p]
@@ -272,9 +166,82 @@ def plot_parameter_distributions(fit: FitResult, draws: np.ndarray, covariates: 
             ax.legend(fontsize=7, loc="best")
     for ax in list(axes.flat)[k:]:
         ax.axis("off")
-    fig.suptitle("Individual parameters against the fitted population: posterior medians (data alone, with estimation "
-                 "noise)" + (" and conditional means (given the population)" if conditional_mean is not None else ""),
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish(fig, "Individual parameters against the fitted population: posterior medians (data alone, with "
+           "estimation noise)" + (" and conditional means (given the population)" if conditional_mean is not None
+                                  else ""), path)
+
+
+def plot_vpc(panels: list[VPCPanel], path: Path, *, time_label: str, n_replicates: int, n_individuals: int,
+             n_total: int, log_y: bool = False, strata_label: str = "") -> None:
+    """A VPC or pcVPC figure: per time bin the observed 5/50/95% quantiles (lines; dots: the observations, corrected
+    for a pcVPC) over the simulated intervals of the same quantiles (bands: blue outer, red median); one column per
+    stratum, one row per observation type, and under each a panel of the fraction of BLQ observations when there
+    are BLQ data; ticks on the time axis mark the bin boundaries."""
+    plt = pyplot()
+    strata = list(dict.fromkeys(p.stratum for p in panels))
+    n_obs = max(p.obs_index for p in panels) + 1
+    blq = any(p.has_blq for p in panels)
+    rows = n_obs * (2 if blq else 1)
+    ratios = [3, 1] * n_obs if blq else [1] * n_obs
+    fig, axes = plt.subplots(rows, len(strata), figsize=(max(7.0, 5.0 * len(strata)), sum(ratios) * (1.3 if blq
+                             else 3.8)), squeeze=False, sharex="col", gridspec_kw={"height_ratios": ratios})
+    pc = panels[0].prediction_corrected
+    for p in panels:
+        r = p.obs_index * (2 if blq else 1)
+        ax = axes[r, strata.index(p.stratum)]
+        ok = np.isfinite(p.times) & (p.n_obs > 0)
+        t = p.times[ok]
+        i_mid = int(np.argmin(np.abs(np.asarray(p.quantiles) - 0.5)))
+        if p.points_t is not None and p.points_t.size:
+            ax.plot(p.points_t, p.points_y, ".", ms=2, color="0.55", alpha=0.35, zorder=1,
+                    label=("observations (prediction-corrected)" if pc else "observations"))
+        outer = ", ".join(f"{int(round(100 * q))}%" for i, q in enumerate(p.quantiles) if i != i_mid)
+        first_outer = True
+        floor = p.lloq[ok] if p.lloq is not None else None
+        for q, qv in enumerate(p.quantiles):
+            mid = q == i_mid
+            lo, hi, ob = p.sim_lo[ok, q], p.sim_hi[ok, q], p.observed[ok, q]
+            if floor is not None:  # interval reaching below the limit: drawn down to it
+                lo = np.where(np.isnan(lo) & np.isfinite(hi), floor, lo)
+            label_band = (f"simulated {p.interval:.0%} CI of the median" if mid else
+                          f"simulated {p.interval:.0%} CI of the {outer} quantiles" if first_outer else None)
+            ax.fill_between(t, lo, hi, color="tab:red" if mid else "tab:blue", alpha=0.25 if mid else 0.18, lw=0,
+                            label=label_band, zorder=2)
+            ax.plot(t, ob, color="k", lw=1.7 if mid else 1.1, ls="-" if mid else "--", zorder=3,
+                    label=("observed median" if mid else f"observed {outer} quantiles" if first_outer else None))
+            if not mid:
+                first_outer = False
+        if floor is not None and np.isfinite(floor).any():
+            ax.plot(t, floor, color="tab:purple", lw=0.9, ls=":", drawstyle="steps-mid",
+                    label="LLOQ" + (" (prediction-corrected, per bin)" if pc else ""))
+        if p.bin_lo is not None:
+            edges = 0.5 * (p.bin_hi[:-1] + p.bin_lo[1:])
+            for e in edges[np.isfinite(edges)]:
+                ax.axvline(e, ymin=0, ymax=0.03, color="0.3", lw=0.8)
+        if log_y:
+            ax.set_yscale("log")
+        title = p.stratum if p.stratum != "all" else "all individuals"
+        ax.set_title(f"{title}  ({int(p.n_obs.sum())} obs., {ok.sum()} bins)", fontsize=9)
+        ax.set_ylabel(("pc " if pc else "") + p.obs_name + (" (log axis)" if log_y else ""))
+        if not blq:
+            ax.set_xlabel(time_label)
+        else:
+            bx = axes[r + 1, strata.index(p.stratum)]
+            if p.has_blq:
+                okb = np.isfinite(p.blq_observed)
+                tb = p.times[okb]
+                bx.fill_between(tb, p.blq_sim_lo[okb], p.blq_sim_hi[okb], color="tab:blue", alpha=0.2, lw=0,
+                                label=f"simulated {p.interval:.0%} CI")
+                bx.plot(tb, p.blq_observed[okb], "k-", lw=1.3, label="observed")
+            bx.set_ylim(-0.02, 1.02)
+            bx.set_ylabel("fraction BLQ", fontsize=8)
+            bx.set_xlabel(time_label)
+            if p is panels[0]:
+                bx.legend(fontsize=6, loc="upper left")
+    axes.flat[0].legend(fontsize=6.5, loc="best")
+    kind = "Prediction-corrected visual predictive check (pcVPC)" if pc else "Visual predictive check"
+    sub = (f"{n_replicates} data sets simulated from the fitted population; "
+           + (f"{n_individuals} of {n_total} individuals (random subsample)" if n_individuals < n_total else
+              f"all {n_total} individuals")
+           + (f"; stratified by {strata_label}" if strata_label and strata_label != "none" else ""))
+    finish(fig, f"{kind}\n{sub}", path)

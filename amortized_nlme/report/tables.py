@@ -1,10 +1,9 @@
-"""Tables of a population fit: the estimates (log and natural scale, SEs, Monte-Carlo error, intervals), the printed
-summary, the individual estimates and the summary.json content."""
+"""Tables of a population fit: the printed estimates, the individual estimates and the summary.json content (the
+parameter tables themselves are built in :mod:`amortized_nlme.report.parameters`)."""
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -12,77 +11,26 @@ import numpy as np
 import pandas as pd
 
 from amortized_nlme.model import IndividualModel
-from amortized_nlme.population.fit import DEFAULT_LEVELS, FitResult
+from amortized_nlme.population.fit import FitResult
 from amortized_nlme.provenance import plain_json
+from amortized_nlme.report.parameters import estimates_frame, level_tag  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
 
-# ============================================================================ estimates table
-def _natural(name: str, value: float) -> tuple[float, str]:
-    """Natural-scale value of one population parameter and what it means (NaN where there is none)."""
-    if name.startswith("beta_"):
-        return math.exp(value), "exp(beta): population median (typical value)"
-    if name.startswith("B_"):
-        return math.exp(value), "exp(B): fold change per unit covariate"
-    if name.startswith("log_omega_"):
-        return math.exp(value), "omega: random-effect sd (log scale)"
-    if name.startswith("log_L_"):
-        return math.exp(value), "Cholesky diagonal of Omega (log scale)"
-    return float("nan"), "Cholesky off-diagonal of Omega (log scale)"
-
-
-def level_tag(level: float) -> str:
-    return str(int(round(level * 100)))
-
-
-def estimates_frame(fit: FitResult) -> pd.DataFrame:
-    """One row per population parameter: estimate (log/unconstrained scale), natural-scale value, Wald SE and CIs,
-    profile CIs, Monte-Carlo SE and the at-bound flag. Interval columns exist for the default levels and any other level
-    computed; they are NaN where not computed. ``natural_lo95``/``natural_hi95`` map the 95% profile interval (Wald
-    where no profile) to the natural scale (``ci95_method`` says which)."""
-    rows = {r["name"]: r for r in fit.table()}
-    levels = sorted(set(DEFAULT_LEVELS) | set(fit.wald_ci) | set(fit.profile_ci))
-    out: list[dict[str, Any]] = []
-    for i, name in enumerate(fit.parameter_names):
-        r = rows[name]
-        nat, kind = _natural(name, r["estimate"])
-        row: dict[str, Any] = {"name": name, "estimate": r["estimate"], "natural": nat, "natural_meaning": kind,
-                               "se": r.get("se", np.nan)}
-        for lv in levels:
-            lo, hi = r.get(f"wald_{level_tag(lv)}", (np.nan, np.nan))
-            row[f"wald{level_tag(lv)}_lo"], row[f"wald{level_tag(lv)}_hi"] = lo, hi
-        for lv in levels:
-            lo, hi = r.get(f"profile_{level_tag(lv)}", (np.nan, np.nan))
-            row[f"profile{level_tag(lv)}_lo"], row[f"profile{level_tag(lv)}_hi"] = lo, hi
-        lo, hi, method = row.get("profile95_lo", np.nan), row.get("profile95_hi", np.nan), "profile"
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            lo, hi, method = row.get("wald95_lo", np.nan), row.get("wald95_hi", np.nan), "wald"
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            method = ""
-        if np.isfinite(nat) and method:
-            row["natural_lo95"], row["natural_hi95"] = math.exp(lo), math.exp(hi)
-        else:
-            row["natural_lo95"], row["natural_hi95"] = np.nan, np.nan
-        row["ci95_method"] = method
-        row["mc_se"] = r.get("mc_se", np.nan)
-        row["mc_bias"] = r.get("mc_bias", np.nan)
-        row["at_bound"] = bool(r.get("at_bound", False))
-        out.append(row)
-    return pd.DataFrame(out)
-
-
+# ============================================================================ printed estimates
 def format_estimates(fit: FitResult) -> str:
-    """Compact fixed-width table of the estimates for stdout: log-scale estimate, natural value, SE, 95% CI (profile
-    where computed, else Wald), Monte-Carlo SE and bias; ``*`` marks an estimate at a bound."""
+    """Compact fixed-width table of the estimates for stdout: log-scale estimate, natural value (typical values and
+    sds; fold change per unit for covariate effects, marked x), SE, RSE%, 95% CI (profile where computed, else Wald,
+    on the estimate's scale), Monte-Carlo SE and bias; ``*`` marks an estimate at a bound."""
     df = estimates_frame(fit)
     width = max(9, int(df["name"].str.len().max()))
 
     def num(x: float, w: int = 9) -> str:
         return f"{x:>{w}.4g}" if np.isfinite(x) else " " * (w - 1) + "-"
 
-    head = (f"{'parameter':<{width}}  {'estimate':>9}  {'natural':>9}  {'SE':>9}  {'95% CI':^23}  {'MC SE':>9}  "
-            f"{'MC bias':>9}")
+    head = (f"{'parameter':<{width}}  {'estimate':>9}  {'natural':>10}  {'SE':>9}  {'RSE%':>6}  {'95% CI':^23}  "
+            f"{'MC SE':>9}  {'MC bias':>9}")
     lines = [head, "-" * len(head)]
     for _, r in df.iterrows():
         lo = r["profile95_lo"] if r["ci95_method"] == "profile" else r["wald95_lo"]
@@ -90,9 +38,13 @@ def format_estimates(fit: FitResult) -> str:
         tag = {"profile": " p", "wald": " w"}.get(r["ci95_method"], "")
         ci = f"{f'[{lo:.4g}, {hi:.4g}]{tag}':<23}" if r["ci95_method"] else f"{'-':^23}"
         flag = " *" if r["at_bound"] else ""
-        lines.append(f"{r['name']:<{width}}  {num(r['estimate'])}  {num(r['natural'])}  {num(r['se'])}  {ci}"
+        nat = (num(r["natural"]) + " " if np.isfinite(r["natural"]) else
+               num(r["fold_change_per_unit"]) + "x" if np.isfinite(r["fold_change_per_unit"]) else num(np.nan) + " ")
+        rse = f"{r['rse_pct']:>6.1f}" if np.isfinite(r["rse_pct"]) else "     -"
+        lines.append(f"{r['name']:<{width}}  {num(r['estimate'])}  {nat}  {num(r['se'])}  {rse}  {ci}"
                      f"  {num(r['mc_se'])}  {num(r['mc_bias'])}{flag}")
-    lines.append("95% CI: p = profile likelihood, w = Wald; natural = exp(estimate) for means, covariate effects, sds; "
+    lines.append("95% CI: p = profile likelihood, w = Wald (estimate scale); natural = typical value exp(beta) or sd "
+                 "exp(log sd); x = fold change per unit of the covariate; RSE% on the natural scale; "
                  "MC = Monte-Carlo error from the finite posterior draws"
                  + ("; * = at a bound" if df["at_bound"].any() else ""))
     return "\n".join(lines)
@@ -109,6 +61,15 @@ def _pilot_summary(fit: FitResult) -> dict[str, Any]:
                        for r in p.result.optimize_result.list]}
 
 
+def _relative_criteria(fit: FitResult) -> dict[str, Any]:
+    """2J, AIC and BIC from the fit's objective J: relative values (not -2LL, which only the importance-sampling
+    estimate of ``model_selection`` is called), comparable between population models on the same draws."""
+    ic = dict(fit.information_criteria())
+    return {"objective_x2_rel": ic.pop("minus2ll_rel"), **ic,
+            "note": "2J, AIC = 2J + 2p, BIC = 2J + p log(n) with J the fit's objective: up to a constant shared by "
+                    "every population model fitted to the same data and draws (not -2LL)"}
+
+
 def build_summary(fit: FitResult, inputs: Mapping[str, Any], extra: Mapping[str, Any] | None, ids: Sequence[str],
                   report_s: float | None = None) -> dict[str, Any]:
     """The content of ``summary.json``. Top-level keys of ``extra`` are added verbatim (e.g. ``model_selection`` with
@@ -123,7 +84,7 @@ def build_summary(fit: FitResult, inputs: Mapping[str, Any], extra: Mapping[str,
         "objective": {"value": fit.fval, "mc_se": fit.mc_se_fval, "jensen_bias": d.jensen_bias,
                       "note": "J = -log p(data | theta) + const; the constant is shared by every population model "
                               "fitted to the same data and estimator, so differences are exact likelihood ratios"},
-        "information_criteria": fit.information_criteria(),
+        "information_criteria": _relative_criteria(fit),
         "n_individuals": len(ids),
         "n_draws_per_individual": int(fit.objective.draws.M),
         "parameter_names": list(fit.parameter_names),
