@@ -42,6 +42,32 @@ def _default_estimator(name: str) -> Path:
     return estimator_dir(name)
 
 
+def _count(minimum: int):
+    """argparse type: an integer of at least ``minimum`` (refused with a message before anything runs)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
+
+
+def _minutes(text: str) -> float:
+    """argparse type of ``--max-minutes``: a finite number of minutes, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of minutes, got {text!r}") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number of minutes, 0 or more, not {text}")
+    return value
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from amortized_nlme.simulation import simulate_to_store
 
@@ -193,11 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="stage 1: simulate prior-predictive data into an HDF5 store")
     p.add_argument("model", help="individual model (see `amortized-nlme models`)")
-    p.add_argument("-n", type=int, help="number of simulations (default: workflow config)")
+    p.add_argument("-n", type=_count(1), help="number of simulations (default: workflow config)")
     p.add_argument("--out", help="store path (default simulations/<model>.h5)")
-    p.add_argument("--seed", type=int, help="seed of the store (default: the workflow's [simulation]); same seed, same bytes")
-    p.add_argument("--chunk-size", type=int, help="simulations per chunk (unit of resumption and of parallel work)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: one process, all numba threads)")
+    p.add_argument("--seed", type=_count(0), help="seed of the store (default: the workflow's [simulation]); same "
+                   "seed, same bytes")
+    p.add_argument("--chunk-size", type=_count(1), help="simulations per chunk (unit of resumption and of parallel "
+                   "work)")
+    p.add_argument("--workers", type=_count(1), default=None,
+                   help="processes (default: one process, all numba threads)")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
     p.add_argument("--config", help="workflow TOML (default workflows/<model>.toml)")
     p.set_defaults(func=cmd_simulate)
@@ -208,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="simulation store for offline training (default simulations/<model>.h5)")
     p.add_argument("--mode", choices=["online", "offline"], help="override the workflow's training mode")
     p.add_argument("--out", help="estimator folder (default trained_models/<model>)")
-    p.add_argument("--max-minutes", type=float, help="stop after this long (checkpointed; run again to resume)")
-    p.add_argument("--keras-verbose", type=int, default=0, help="Keras progress output (0, 1 or 2)")
+    p.add_argument("--max-minutes", type=_minutes,
+                   help="stop after the epoch that ends past this many minutes (checkpointed; run again to resume)")
+    p.add_argument("--keras-verbose", type=int, choices=[0, 1, 2], default=0, help="Keras progress output (0, 1 or 2)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("check", help="calibration check (SBC, recovery, contraction) of a trained estimator")
@@ -285,19 +315,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _enable_jax_compilation_cache() -> None:
-    """Keep XLA's compiled networks between runs (``$XDG_CACHE_HOME/amortized-nlme/jax``): the first posterior
-    sampling of a process otherwise spends seconds compiling. ``AMORTIZED_NLME_JAX_CACHE=off`` disables it."""
+    """Keep XLA's compiled programs between runs (``<user cache>/jax``, see
+    :func:`amortized_nlme.resources.user_cache_dir`): loading an estimator and the first posterior sampling of a
+    process otherwise spend seconds compiling ~100 small programs. ``AMORTIZED_NLME_JAX_CACHE=off`` disables it, a
+    path moves it."""
     where = os.environ.get("AMORTIZED_NLME_JAX_CACHE", "")
     if where.lower() == "off" or os.environ.get("KERAS_BACKEND") != "jax":
         return
     try:
         import jax
 
-        folder = Path(where or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "amortized-nlme"
-                      / "jax")
+        from amortized_nlme.resources import user_cache_dir
+
+        folder = Path(where) if where else user_cache_dir() / "jax"
         folder.mkdir(parents=True, exist_ok=True)
         jax.config.update("jax_compilation_cache_dir", str(folder))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     except (ImportError, OSError, AttributeError) as exc:  # a cache is an optimization, never a reason to fail
         logging.getLogger(__name__).debug("no JAX compilation cache: %s", exc)
 
@@ -317,9 +350,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"amortized-nlme {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"amortized-nlme {args.command}: interrupted; run the same command again to resume",
-              file=sys.stderr)
+        if args.command in ("train", "simulate"):
+            hint = "run the same command again to resume from where it stopped"
+        else:
+            hint = "run it again (posterior draws already made are cached)"
+        print(f"amortized-nlme {args.command}: interrupted; {hint}", file=sys.stderr)
         return 130
+    except OSError as exc:  # the file system refused (permissions, disk full, a path that is a folder, ...)
+        if args.verbose:
+            raise
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc) else ""
+        print(f"amortized-nlme {args.command}: error: {exc}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

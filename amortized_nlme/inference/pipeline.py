@@ -205,6 +205,11 @@ def prepare_inference(opts: InferenceOptions) -> InferenceContext:
     population, covariates, groups = bind_population(pop_cfg, plan.prior(model), data.covariates, data.groups,
                                                      data.n_individuals, where, residual=plan.residual,
                                                      candidates=opts.covariate_candidates or ())
+    if opts.profile_parameters:
+        unknown = [p for p in opts.profile_parameters if p not in population.parameter_names]
+        if unknown:
+            raise ConfigError(f"--profile: unknown population parameters {unknown}; they are "
+                              f"{list(population.parameter_names)}")
     logger.info("population likelihood: %s%s", likelihood,
                 f" (residual error {plan.residual.kind}, a population parameter)" if plan.residual else "")
 

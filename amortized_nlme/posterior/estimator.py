@@ -92,16 +92,20 @@ class TrainedEstimator:
                 f"estimator {folder} was trained for {meta.get('model')}, but the simulator is {model.identity()}; "
                 "retrain it for this model version")
         file = folder / APPROXIMATOR_FILE
-        actual = file_sha256(file)
+        actual = _sha256_of(file)
         recorded = meta.get("file_sha256")
         if not recorded:
             raise EstimatorError(f"{folder / META_FILE} records no file_sha256 for {APPROXIMATOR_FILE}; cannot verify "
                                  "the estimator (export it again with `amortized-nlme train`)")
         if actual != recorded:
             raise EstimatorError(
-                f"{file} is not the estimator {META_FILE} describes (sha256 {actual[:12]}... but {recorded[:12]}... "
-                "recorded at training): the file was replaced or modified after training; restore it or retrain")
+                f"{file} does not match {folder / META_FILE} (its sha256 is {actual[:12]}..., {META_FILE} records "
+                f"{str(recorded)[:12]}... from training): the file was replaced or modified after training; restore "
+                "it or retrain")
         approximator = load_approximator(file)
+        if _sha256_of(file) != actual:  # replaced while Keras read it: what was loaded is not what was verified
+            raise EstimatorError(f"{file} changed while it was being loaded (another process is writing the "
+                                 "estimator?); run again when it is finished")
         estimator = cls(approximator, model, meta, folder)
         estimator._sha256 = actual
         return estimator
@@ -327,6 +331,13 @@ def read_meta(folder: str | os.PathLike) -> dict:
     if not isinstance(meta, dict):
         raise EstimatorError(f"{folder / META_FILE}: expected a JSON object, got {type(meta).__name__}")
     return meta
+
+
+def _sha256_of(file: Path) -> str:
+    try:
+        return file_sha256(file)
+    except OSError as exc:
+        raise EstimatorError(f"{file}: cannot read the estimator ({exc.strerror or exc})") from None
 
 
 def load_approximator(file: str | os.PathLike):

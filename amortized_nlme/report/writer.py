@@ -15,6 +15,8 @@ natural-scale columns mean.
 
 from __future__ import annotations
 
+import errno
+import glob
 import logging
 import os
 import shutil
@@ -100,34 +102,72 @@ logger = logging.getLogger(__name__)
 
 
 # ============================================================================ writing
+def _temporary_prefix(out_dir: Path, kind: str = "") -> str:
+    """Name prefix of this process's temporary siblings of ``out_dir``: ``.<name>.tmp-<pid>-`` (new results) and
+    ``.<name>.tmp-<pid>-old-`` (the results being replaced), so that those of a killed process can be told apart."""
+    return f".{out_dir.name}.tmp-{os.getpid()}-{kind}"
+
+
+def remove_stale_temporaries(out_dir: Path) -> int:
+    """Delete the temporary siblings of ``out_dir`` that a killed run left behind (their pid no longer runs);
+    returns how many. Those of running processes (a concurrent run writing the same folder) are left alone."""
+    from amortized_nlme.posterior.cache import remove_stale_temporaries as remove
+
+    if not out_dir.parent.is_dir():
+        return 0
+    n = remove(out_dir.parent, f".{glob.escape(out_dir.name)}.tmp-*")
+    if n:
+        logger.info("removed %d temporary folder(s) of %s left by an interrupted run", n, out_dir)
+    return n
+
+
 @contextmanager
 def _atomic_directory(out_dir: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``out_dir`` (renames), on an exception it is deleted
-    and ``out_dir`` (new or pre-existing) is untouched."""
+    and ``out_dir`` (new or pre-existing) is untouched. Temporary siblings of killed runs are removed first."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    remove_stale_temporaries(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out_dir), dir=out_dir.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the results folder gets ordinary permissions
     try:
         yield tmp
+        _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rmdir(old)
-        os.replace(out_dir, old)
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``out_dir``, replacing an existing one as a whole. When a concurrent run
+    puts its own results there in between, the last one to finish wins and neither fails; an interruption between
+    the two renames puts the previous results back."""
+    for _ in range(20):
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out_dir, "old-"), dir=out_dir.parent))
+            os.rmdir(old)
+            try:
+                os.replace(out_dir, old)
+            except FileNotFoundError:  # a concurrent run moved it away in between
+                old = None
         try:
             os.replace(tmp, out_dir)
-        except BaseException:
-            os.replace(old, out_dir)
-            shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException as exc:
+            if old is not None:
+                try:
+                    os.replace(old, out_dir)  # the previous results back
+                except OSError:  # a concurrent run's results are there now: the previous ones are superseded
+                    shutil.rmtree(old, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                continue  # a concurrent run's results arrived between our two renames: replace them too
             raise
-        shutil.rmtree(old, ignore_errors=True)
-        logger.info("replaced existing results folder %s", out_dir)
-    else:
-        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            logger.info("replaced existing results folder %s", out_dir)
+        return
+    raise OSError(errno.EBUSY, "other runs keep replacing the results folder", str(out_dir))
 
 
 def _check_censoring(censoring: Censoring | None, shape: tuple[int, ...]) -> Censoring | None:

@@ -36,8 +36,17 @@ class TrainingPriorTally:
         self._sumsq = np.zeros(k)
         self._min = np.full(k, np.inf)
         self._max = np.full(k, -np.inf)
+        self._counted: set = set()  # keys of the batches counted in the current epoch
 
-    def add(self, params: np.ndarray, n_failed: int) -> None:
+    def add(self, params: np.ndarray, n_failed: int, key: tuple[int, int] | None = None) -> None:
+        """Count one batch. ``key`` (epoch, batch index) names the batch: a batch fetched again (the same key gives
+        the same simulations) is counted once; keys of earlier epochs are forgotten when a new epoch begins."""
+        if key is not None:
+            if key in self._counted:
+                return
+            if any(k[0] != key[0] for k in self._counted):
+                self._counted.clear()
+            self._counted.add(key)
         self.n_accepted += params.shape[0]
         self.n_failed += int(n_failed)
         self._sum += params.sum(axis=0)
@@ -87,6 +96,7 @@ def online_dataset(model: IndividualModel, batch_size: int, steps: int, seed: in
         def __init__(self) -> None:
             super().__init__()
             self.epoch = 0
+            self.tally = tally  # None while fetching a batch that is not trained on (building the networks)
 
         def __len__(self) -> int:
             return steps
@@ -94,8 +104,8 @@ def online_dataset(model: IndividualModel, batch_size: int, steps: int, seed: in
         def __getitem__(self, item: int) -> dict:
             rng = np.random.default_rng([seed, self.epoch, item])
             params, obs, design, n_failed = simulate_batch_counted(model, batch_size, rng)
-            if tally is not None:
-                tally.add(params, n_failed)
+            if self.tally is not None:
+                self.tally.add(params, n_failed, key=(self.epoch, int(item)))
             return adapter(batch_dict(model, params, obs, design))
 
         def on_epoch_end(self) -> None:

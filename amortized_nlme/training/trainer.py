@@ -28,6 +28,8 @@ from amortized_nlme.training.networks import build_approximator, make_adapter  #
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
+#: held (``flock``) by the process that trains into a folder; the kernel releases it when that process ends, however
+LOCK_FILE = ".lock"
 
 
 def _keras():
@@ -63,27 +65,29 @@ def write_checkpoint(ckpt_dir: Path, model, state: dict, improved: bool) -> Path
     """Save the approximator (optimizer included), the best weights so far and the training state of this epoch as
     one folder ``epoch-NNNN``: written under a temporary name and renamed when complete, so a kill at any instant
     leaves the previous epoch's consistent set (or this one), never a mixture."""
+    import shutil
+
     epoch = int(state["epoch"])
     tmp = ckpt_dir / f".epoch-{epoch:04d}.tmp-{os.getpid()}"
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save(tmp / "last.keras")
-    previous = latest_checkpoint(ckpt_dir)
-    if improved or previous is None or not (previous / "best.weights.h5").exists():
-        model.save_weights(tmp / "best.weights.h5")
-    else:
-        try:
-            os.link(previous / "best.weights.h5", tmp / "best.weights.h5")
-        except OSError:
-            import shutil
-
-            shutil.copy2(previous / "best.weights.h5", tmp / "best.weights.h5")
-    write_json_atomic(tmp / "state.json", {k: v for k, v in state.items() if k != "started"})
-    final = ckpt_dir / f"epoch-{epoch:04d}"
-    os.rename(tmp, final)
+    try:
+        model.save(tmp / "last.keras")
+        previous = latest_checkpoint(ckpt_dir)
+        if improved or previous is None or not (previous / "best.weights.h5").exists():
+            model.save_weights(tmp / "best.weights.h5")
+        else:
+            try:
+                os.link(previous / "best.weights.h5", tmp / "best.weights.h5")
+            except OSError:
+                shutil.copy2(previous / "best.weights.h5", tmp / "best.weights.h5")
+        write_json_atomic(tmp / "state.json", {k: v for k, v in state.items() if k != "started"})
+        final = ckpt_dir / f"epoch-{epoch:04d}"
+        os.rename(tmp, final)
+    except BaseException:  # an error or a Ctrl-C: no half-written folder stays behind (a kill's is removed at resume)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _clean_checkpoints(ckpt_dir, keep=final)
     return final
 
@@ -137,21 +141,72 @@ def train(cfg: WorkflowConfig, model: IndividualModel, out_dir: str | os.PathLik
     Returns True when training is finished (all epochs, or early stopping) and the estimator has been exported;
     False when it stopped on the time budget (run the same command again to resume from the checkpoint). Run again
     after a kill, a Ctrl-C or a finished run, it resumes from (or re-exports) the newest complete checkpoint.
+    Refused (:class:`EstimatorError`) while another process trains into the same folder.
     """
-    keras = _keras()
     out = Path(out_dir)
     ckpt_dir = out / CHECKPOINT_DIR
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    lock = _lock(ckpt_dir)
+    try:
+        return _train(cfg, model, out, ckpt_dir, store_path, max_minutes, verbose)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _lock(ckpt_dir: Path):
+    """Take the folder's training lock (an open file, to close when done), or refuse: two processes training into
+    one folder would interleave their checkpoints. None where the platform has no ``flock``."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    fh = open(ckpt_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held open while training: that is the lock
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip()
+        fh.close()
+        raise EstimatorError(f"{ckpt_dir.parent} is being trained by another process"
+                             f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to finish, or stop it "
+                             "and run again to resume") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
+
+
+def _remove_stale_exports(out: Path) -> None:
+    """Temporary files of an export that a killed process left in ``out`` (``.approximator.tmp-<pid>-*.keras``,
+    ``.meta.json.<pid>.tmp``); those of live processes (e.g. a ``check`` writing meta.json) are left alone."""
+    from amortized_nlme.posterior.cache import pid_alive
+
+    for p in [*out.glob(".approximator.tmp-*.keras"), *out.glob(f".{META_FILE}.*.tmp")]:
+        field = p.name.split("tmp-", 1)[1].split("-", 1)[0] if "tmp-" in p.name else p.name.split(".")[-2]
+        if field.isdigit() and not pid_alive(int(field)):
+            p.unlink(missing_ok=True)
+
+
+def _train(cfg: WorkflowConfig, model: IndividualModel, out: Path, ckpt_dir: Path, store_path: str | None,
+           max_minutes: float | None, verbose: int) -> bool:
+    keras = _keras()
     tcfg: TrainingConfig = cfg.training
     keras.utils.set_random_seed(tcfg.seed)
 
     checkpoint = latest_checkpoint(ckpt_dir)
-    _clean_checkpoints(ckpt_dir, keep=checkpoint)  # temporary folders of a killed run
+    _clean_checkpoints(ckpt_dir, keep=checkpoint)  # temporary folders of a killed run (we hold the lock)
+    _remove_stale_exports(out)
     if checkpoint is not None:
         state = read_json(checkpoint / "state.json", "training state")
         if state.get("model") != model.identity() or state.get("config") != cfg.to_dict():
             raise EstimatorError(f"{ckpt_dir} holds a checkpoint of another model or configuration; "
                                  "remove it to start afresh")
+        if (state["epoch"] >= tcfg.epochs or state["early_stopped"]) and _exported(out, state):
+            logger.info("%s: training finished at epoch %d and the estimator is exported; nothing to do", out,
+                        state["epoch"])
+            return True
         approximator = load_approximator(checkpoint / "last.keras")
         logger.info("resuming %s from epoch %d (best validation loss %.4f)", model.name, state["epoch"],
                     state["best_val"])
@@ -169,10 +224,6 @@ def train(cfg: WorkflowConfig, model: IndividualModel, out_dir: str | os.PathLik
         else:
             optimizer = keras.optimizers.Adam(schedule, clipnorm=1.5)
         approximator.compile(optimizer=optimizer)
-    if checkpoint is not None and (state["epoch"] >= tcfg.epochs or state["early_stopped"]) and _exported(out, state):
-        logger.info("%s: training finished at epoch %d and the estimator is exported; nothing to do", out,
-                    state["epoch"])
-        return True
     state["elapsed_before_s"] = float(state.get("elapsed_s", 0.0))
     state["started"] = time.time()
     state["diverged"] = False
@@ -214,6 +265,8 @@ def train(cfg: WorkflowConfig, model: IndividualModel, out_dir: str | os.PathLik
     callback = _make_checkpoint_callback(ckpt_dir, state, tcfg.patience, deadline, progress, tally)
     try:
         if state["epoch"] < tcfg.epochs and not state["early_stopped"]:
+            if not approximator.built:
+                _build(approximator, train_ds)
             approximator.fit(dataset=train_ds, validation_data=val_ds, epochs=tcfg.epochs,
                              initial_epoch=state["epoch"], steps_per_epoch=steps if tcfg.mode == "online" else None,
                              callbacks=[callback], verbose=verbose)
@@ -233,6 +286,19 @@ def train(cfg: WorkflowConfig, model: IndividualModel, out_dir: str | os.PathLik
     training_prior = tally.summary(model.prior) if tally is not None else None
     export(approximator, model, cfg, out, state, n_simulations=n_sim, training_prior=training_prior)
     return True
+
+
+def _build(approximator, dataset) -> None:
+    """Build a fresh approximator on the first training batch, as BayesFlow's ``fit`` would, but without counting that
+    batch in the training-prior tally: it is not trained on (Keras starts the first epoch with fresh batches)."""
+    keras = _keras()
+    tally = getattr(dataset, "tally", None)
+    dataset.tally = None
+    try:
+        batch = dataset[0]
+    finally:
+        dataset.tally = tally
+    approximator.build_from_data(keras.tree.map_structure(keras.ops.convert_to_tensor, batch))
 
 
 def _exported(out: Path, state: dict) -> bool:
@@ -273,9 +339,12 @@ def export(approximator, model: IndividualModel, cfg: WorkflowConfig, out: Path,
     """Write ``approximator.keras`` and ``meta.json`` (diagnostics are added by ``check``); the approximator first,
     then the metadata that carries its hash, each atomically."""
     keras = _keras()
-    tmp = out / f".approximator.{os.getpid()}.tmp.keras"
-    approximator.save(tmp)
-    os.replace(tmp, out / APPROXIMATOR_FILE)
+    tmp = out / f".approximator.tmp-{os.getpid()}-export.keras"
+    try:
+        approximator.save(tmp)
+        os.replace(tmp, out / APPROXIMATOR_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
     seen = state["epoch"] * cfg.training.steps_per_epoch * cfg.training.batch_size
     warm = state.get("warm_start")
     meta = {
