@@ -134,9 +134,13 @@ class CovariateDefinition(_Section):
     """A covariate made from a data column: ``lwt = {column = "WT", transform = "log_ratio_median"}``."""
 
     column: str | None = Field(None, description="data column (default: the covariate's name)")
-    transform: Literal["identity", "log_ratio_mean", "log_ratio_median", "centered", "categorical"] = Field(
-        "identity", description="log(x / mean), log(x / median), x - mean, x, or 0/1 columns per level")
-    reference: str | int | float | None = Field(None, description="categorical: level left out (default: first)")
+    transform: Literal["identity", "log_ratio_mean", "log_ratio_median", "log_ratio", "centered", "categorical",
+                       "below"] = Field(
+        "identity", description="log(x / mean), log(x / median), log(x / reference), x - mean, x, 0/1 columns per "
+                                "level, or 1 where x < threshold")
+    threshold: float | None = Field(None, description="below: the value under which the indicator is 1")
+    reference: str | int | float | None = Field(None, description="categorical: level left out (default: first); "
+                                                                   "log_ratio: the value x is divided by")
 
 
 class GroupsConfig(_Section):
@@ -161,6 +165,9 @@ class PopulationConfig(_Section):
         "auto", description="kernel width (log scale) of parameters without random effect; auto: a fifth of "
                             "their median posterior sd")
     bound_sd: PositiveFloat = Field(4.0, description="optimisation box: prior mean +- bound_sd prior sds")
+    fixed_covariate_effects: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="covariate coefficients fixed at known values, not estimated, e.g. "
+                                          "{CL = {lwt = 1.0}} for clearance proportional to weight")
     residual_error: Literal["additive", "proportional", "combined"] | None = Field(
         None, description="residual-error model, estimated as population parameters with the exact likelihood "
                           "(default: the model's own; PK models: additive, proportional or combined)")
@@ -182,7 +189,8 @@ class PopulationConfig(_Section):
     def used_definitions(self, candidates: list[str] | tuple[str, ...] = ()) -> dict[str, CovariateDefinition]:
         """The covariate definitions a fit needs: those named in ``[covariates]`` and the ``candidates`` of a
         covariate search (a definition nobody uses does not make its data column compulsory)."""
-        wanted = {c for cs in self.covariates.values() for c in cs} | set(candidates)
+        wanted = ({c for cs in self.covariates.values() for c in cs}
+                  | {c for cs in self.fixed_covariate_effects.values() for c in cs} | set(candidates))
         defs = self.definitions()
         return {name: d for name, d in defs.items()
                 if name in wanted or any(w.startswith(f"{name}_") for w in wanted)}
@@ -270,15 +278,21 @@ def reference_table() -> str:
 
     def walk(cls: type[BaseModel], file: str, table: str) -> None:
         for name, field in cls.model_fields.items():
-            ann = field.annotation
-            sub = _section_class(ann)
-            if sub is not None and name not in ("covariate_definitions",):
+            sub = _section_class(field.annotation)
+            if file == "workflow" and name == "population":
+                rows.append(f"| workflow | (top) | `[population]` | table | none | {field.description} (the population "
+                            "file's keys below) |")
+                continue
+            if sub is not None and name != "covariate_definitions":
                 walk(sub, file, f"{table}.{name}" if table else name)
                 continue
-            default = "(required)" if field.is_required() else (
-                "{}" if field.default_factory is dict else "[]" if field.default_factory is list
-                else repr(field.default))
-            rows.append(f"| {file} | {table or '(top)'} | `{name}` | {_type_name(ann)} | {default} | "
+            if field.is_required():
+                default = "(required)"
+            elif field.default_factory is not None:
+                default = repr(field.default_factory()) if not isinstance(field.default_factory(), BaseModel) else ""
+            else:
+                default = "none" if field.default is None else repr(field.default)
+            rows.append(f"| {file} | {table or '(top)'} | `{name}` | {_type_name(field.annotation)} | {default} | "
                         f"{(field.description or '').replace('|', '/')} |")
 
     walk(WorkflowConfig, "workflow", "")
@@ -287,20 +301,50 @@ def reference_table() -> str:
     return "\n".join(rows)
 
 
+def update_readme_reference(readme: str | Path) -> bool:
+    """Rewrite the block between ``<!-- config-reference:start -->`` and ``<!-- config-reference:end -->`` of the
+    README with :func:`reference_table`; returns whether it changed."""
+    path = Path(readme)
+    text = path.read_text()
+    start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+    if start not in text or end not in text:
+        raise ConfigError(f"{path}: no {start} ... {end} block")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{start}\n{reference_table()}\n{end}{tail}"
+    if new != text:
+        path.write_text(new)
+    return new != text
+
+
 def _section_class(annotation: Any) -> type[BaseModel] | None:
     import typing
 
-    candidates = [annotation, *typing.get_args(annotation)]
-    for c in candidates:
+    for c in [annotation, *typing.get_args(annotation)]:
         if isinstance(c, type) and issubclass(c, BaseModel):
             return c
     return None
 
 
 def _type_name(annotation: Any) -> str:
-    text = repr(annotation).replace("typing.", "")
-    for noise in ("Annotated[", ", FieldInfo(annotation=NoneType, required=True, metadata=[Gt(gt=0)])]",
-                  ", FieldInfo(annotation=NoneType, required=True, metadata=[Ge(ge=0)])]",
-                  "amortized_nlme.config.", "<class '", "'>"):
-        text = text.replace(noise, "")
-    return text.replace("|", "or")
+    """A readable type: ``int``, ``list of str``, ``"a" or "b"``, ``table of float``, ..."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin is typing.Literal:
+        return " or ".join(f'"{a}"' for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + (
+            " or none" if type(None) in args else "")
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"table of {_type_name(args[1])}"
+    if annotation is Any:
+        return "any"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "table"
+    return getattr(annotation, "__name__", str(annotation))

@@ -135,3 +135,26 @@ def test_fit_recovers_the_exact_mle_additive() -> None:
     mle = optimize.minimize(nll, fr.estimate, method="Nelder-Mead", options={"xatol": 1e-8, "fatol": 1e-10}).x
     np.testing.assert_allclose(fr.estimate, mle, atol=0.5 * fr.se.max())
     assert np.all(np.abs(fr.estimate - mle) < 0.25 * fr.se)
+
+
+def test_fixed_covariate_effect_is_an_offset_of_the_mean() -> None:
+    """A covariate coefficient fixed at a known value (e.g. CL proportional to weight) shifts each individual's mean
+    by coefficient x covariate and is not a parameter: the objective equals that of the model without it with the
+    shift moved into the data's draws."""
+    y, cens = study(30, 5, seed=9)
+    ds, prior = drawset(y, cens, "additive", M=500, seed=10)
+    x = np.random.default_rng(11).normal(0.0, 0.3, 30)
+    fixed = PopulationModel(prior, random_effects=["psi"], residual=residual_spec("additive"),
+                            fixed_covariate_effects={"psi": {"x": 0.7}})
+    plain = PopulationModel(prior, random_effects=["psi"], residual=residual_spec("additive"))
+    assert fixed.parameter_names == plain.parameter_names  # nothing estimated for it
+    theta = np.array([0.9, np.log(0.5), np.log(0.3)])
+    obj = PopulationObjective(fixed, ds, {"x": x})
+    mu = obj.design.mean(theta)
+    np.testing.assert_allclose(mu[:, 0], 0.9 + 0.7 * x)
+    f1, g1 = obj.value_and_grad(theta)
+    np.testing.assert_allclose(g1, optimize.approx_fprime(theta, obj.value, 1e-6), rtol=1e-4, atol=1e-4)
+    # shifting every draw by -0.7 x (and keeping its weight denominator) gives the plain model the same objective
+    shifted = DrawSet(ds.draws - 0.7 * x[:, None, None], prior, log_prior=ds.log_prior, kind="likelihood",
+                      errors=ds.errors)
+    assert PopulationObjective(plain, shifted).value(theta) == pytest.approx(f1, rel=1e-6)

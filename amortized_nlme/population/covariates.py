@@ -58,11 +58,22 @@ def covariate_columns(frame: pd.DataFrame, definitions: dict[str, CovariateDefin
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: covariate {name!r} (column {column!r}) is not numeric; use "
                               "transform = \"categorical\"") from None
-        if spec.transform in ("log_ratio_mean", "log_ratio_median"):
+        if spec.transform in ("log_ratio_mean", "log_ratio_median", "log_ratio"):
             if np.any(x <= 0):
                 raise ConfigError(f"{where}: covariate {name!r} has values <= 0 (column {column!r}); "
                                   f"{spec.transform} needs positive values")
-            x = np.log(x / (np.mean(x) if spec.transform == "log_ratio_mean" else np.median(x)))
+            if spec.transform == "log_ratio":
+                if not isinstance(spec.reference, (int, float)) or spec.reference <= 0:
+                    raise ConfigError(f"{where}: covariate_definitions.{name}: log_ratio needs a positive numeric "
+                                      "reference (x is divided by it)")
+                ref = float(spec.reference)
+            else:
+                ref = np.mean(x) if spec.transform == "log_ratio_mean" else np.median(x)
+            x = np.log(x / ref)
+        elif spec.transform == "below":
+            if spec.threshold is None:
+                raise ConfigError(f"{where}: covariate_definitions.{name}: transform \"below\" needs a threshold")
+            x = (x < spec.threshold).astype(np.float64)
         elif spec.transform == "centered":
             x = x - np.mean(x)
         cols[name] = x
@@ -98,6 +109,7 @@ def population_from_config(config: PopulationConfig, prior: NormalPrior, group_l
         "covariates": expand_relations(config, columns),
         "bound_sd": config.bound_sd,
         "residual": residual,
+        "fixed_covariate_effects": config.fixed_covariate_effects,
     }
     if isinstance(config.fixed_std, (int, float, dict)):
         kwargs["fixed_std"] = config.fixed_std

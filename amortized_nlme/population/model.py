@@ -53,13 +53,14 @@ class PopulationDesign:
     n: int
     Z: tuple[np.ndarray | None, ...]  # None: intercept only (mu[:, p] = theta[index[p][0]] for everyone)
     index: tuple[np.ndarray, ...]
+    offset: np.ndarray | None = None  # [n, k]: covariate effects fixed at known values (e.g. allometric exponents)
 
     def mean(self, theta: np.ndarray) -> np.ndarray:
         """Per-individual log-scale means ``[n, k]``."""
         mu = np.empty((self.n, len(self.Z)))
         for p, (Z, idx) in enumerate(zip(self.Z, self.index)):
             mu[:, p] = theta[idx[0]] if Z is None else Z @ theta[idx]
-        return mu
+        return mu if self.offset is None else mu + self.offset
 
     def mean_grad(self, g_mu: np.ndarray, out: np.ndarray) -> None:
         """Add the chain rule of ``mu`` to ``out`` (theta-sized): out[index[p]] += Z[p]^T g_mu[:, p]."""
@@ -85,6 +86,7 @@ class PopulationModel:
         fixed_std: Mapping[str, float] | float | None = None,
         bound_sd: float = 4.0,
         residual: ResidualError | None = None,
+        fixed_covariate_effects: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         names = tuple(prior.names)
         self.prior = prior
@@ -135,6 +137,12 @@ class PopulationModel:
         #: residual-error sds estimated as population parameters through the exact likelihood (None: the individual
         #: model's error parameters, if any, are individual parameters like the others)
         self.residual = residual
+        fixed_effects = {p: dict(v) for p, v in (fixed_covariate_effects or {}).items() if v}
+        bad = [p for p in fixed_effects if p not in names]
+        if bad:
+            raise ValueError(f"fixed covariate effects on unknown parameters {bad}; parameters are {list(names)}")
+        #: covariate coefficients fixed at known values (not estimated): parameter -> {covariate: coefficient}
+        self.fixed_covariate_effects = fixed_effects
         self._build_layout()
 
     # ------------------------------------------------------------------ layout
@@ -215,6 +223,7 @@ class PopulationModel:
             "fixed_std": dict(self.fixed_std),
             "bound_sd": self.bound_sd,
             "residual": None if self.residual is None else self.residual.to_dict(),
+            "fixed_covariate_effects": {p: dict(v) for p, v in self.fixed_covariate_effects.items()},
         }
 
     def __repr__(self) -> str:
@@ -245,7 +254,8 @@ class PopulationModel:
     ) -> PopulationDesign:
         """Bind the model to ``n`` individuals: covariate columns (name -> ``[n]``) and group labels ``[n]``."""
         covariates = covariates or {}
-        needed = sorted({c for cs in self.covariates.values() for c in cs})
+        needed = sorted({c for cs in self.covariates.values() for c in cs}
+                        | {c for cs in self.fixed_covariate_effects.values() for c in cs})
         missing = [c for c in needed if c not in covariates]
         if missing:
             raise ValueError(f"population model needs covariate columns {missing}; got {sorted(covariates)}")
@@ -279,7 +289,13 @@ class PopulationModel:
                 Z = None
             Zs.append(Z)
             idxs.append(np.concatenate([self._beta_index[p_i], self._cov_index[p_i]]).astype(np.int64))
-        return PopulationDesign(n=n, Z=tuple(Zs), index=tuple(idxs))
+        offset = None
+        if self.fixed_covariate_effects:
+            offset = np.zeros((n, self.k))
+            for p, effects in self.fixed_covariate_effects.items():
+                for c, coef in effects.items():
+                    offset[:, self.param_names_individual.index(p)] += float(coef) * cols[c]
+        return PopulationDesign(n=n, Z=tuple(Zs), index=tuple(idxs), offset=offset)
 
     # ------------------------------------------------------------------ bounds
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
@@ -433,7 +449,7 @@ class PopulationModel:
             prior = NormalPrior.from_spec(spec)
         allowed = {
             "random_effects", "covariance", "covariates", "group_specific", "groups", "group_column", "fixed_std",
-            "bound_sd", "residual",
+            "bound_sd", "residual", "fixed_covariate_effects",
         }
         unknown = sorted(set(cfg) - allowed)
         if unknown:
