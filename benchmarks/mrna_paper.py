@@ -1,7 +1,7 @@
 """The seed paper's synthetic mRNA experiments against its reference numbers (Arruda et al. 2024): populations of
 50 to 10,000 cells simulated from the true population values of its tables, fitted with the shipped estimator
-through the same steps as ``amortized-nlme infer`` (posterior draws, likelihood weights chosen as under
-``--likelihood auto``, 10-start L-BFGS, Wald CIs, draws added until the Monte-Carlo error is small).
+through ``amortized-nlme infer``'s own steps (exact likelihood, residual sd a population parameter, proposal
+refinement where Pareto k-hat > 0.7, 10-start L-BFGS, Wald CIs, draws added until the Monte-Carlo error is small).
 
     python benchmarks/mrna_paper.py [--model mrna_simple] [--sizes 50 100 500 1000 5000 10000] [--starts 10]
 
@@ -28,10 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from amortized_nlme.posterior import load_estimator  # noqa: E402
-from amortized_nlme.population.fit import fit, fit_with_enough_draws  # noqa: E402
-from amortized_nlme.inference.pipeline import default_n_draws, draws_cap, extension_seed  # noqa: E402
-from amortized_nlme.inference.weights import choose_likelihood, weighted_drawset  # noqa: E402
-from amortized_nlme.population import PopulationModel  # noqa: E402
+from amortized_nlme.inference.pipeline import default_n_draws  # noqa: E402
 from simulators import get_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,62 +60,58 @@ def synthetic_population(model, truth: dict, n: int, rng: np.random.Generator):
     return phi, model.simulate(phi, design, rng), design
 
 
+def write_cells(path: Path, obs: np.ndarray, design: dict) -> None:
+    """Synthetic cells as a data file in the Fröhlich layout (ID, TIME, DV = fluorescence, i.e. exp of the log)."""
+    import pandas as pd
+
+    n, T = design["mask"].shape
+    ids = np.repeat(np.arange(1, n + 1), T)
+    keep = design["mask"].reshape(-1)
+    frame = pd.DataFrame({"ID": ids[keep], "TIME": design["times"].reshape(-1)[keep],
+                          "DV": np.exp(obs[..., 0].reshape(-1)[keep])})
+    frame.to_csv(path, index=False)
+
+
 def run_size(model, est, truth: dict, n: int, n_starts: int, seed: int, adapt: bool = True) -> dict:
-    """Simulate, sample, weight, fit one population of ``n`` cells; return timings, estimates and scores. With
-    ``adapt`` the draws grow as under ``amortized-nlme infer`` without ``--draws`` (Monte-Carlo error of every
-    estimate at most 0.3 of its SE, up to the same cap); otherwise one fit on the starting number of draws."""
+    """Simulate one population of ``n`` cells and fit it exactly as ``amortized-nlme infer`` does (exact likelihood,
+    residual sd a population parameter, proposal refinement, adapted draws); return timings, estimates and
+    scores."""
+    import tempfile
+
+    from amortized_nlme.inference import pipeline
+
     rng = np.random.default_rng([seed, n])
     phi, obs, design = synthetic_population(model, truth, n, rng)
-    n_draws = default_n_draws(n)
-    t0 = time.perf_counter()
-    draws = est.sample(obs, design, n_draws, seed=seed)
-    t_sample = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    requested = choose_likelihood("auto", model, obs, design, n * n_draws)
-    timings: dict[str, float] = {}
-    drawset, likelihood = weighted_drawset(requested, est, model, obs, design, draws, range(n), timings)
-    t_weights = time.perf_counter() - t1
     names = list(model.param_names)
     re = [p for p, v in zip(names, truth["var"]) if v > 0]
-    pop = PopulationModel(model.prior, random_effects=re).with_fixed_std_from_draws(drawset.draws, fraction=0.2)
-    extra_s = {"sampling": 0.0, "weights": 0.0}
-
-    def more(m: int, round_: int):
-        t = time.perf_counter()
-        new = est.sample(obs, design, m, seed=extension_seed(seed, round_))
-        extra_s["sampling"] += time.perf_counter() - t
-        t = time.perf_counter()
-        ds, _ = weighted_drawset("exact" if likelihood == "exact" else "amortized", est, model, obs, design, new,
-                                 range(n))
-        extra_s["weights"] += time.perf_counter() - t
-        return ds
-
-    t2 = time.perf_counter()
-    if adapt:
-        fr, drawset, mce, rounds = fit_with_enough_draws(pop, drawset, more, n_starts=n_starts, seed=seed,
-                                                         max_draws=draws_cap(n, model.n_params, n_draws))
-        t_fit, t_mc = sum(r.fit_s for r in rounds), sum(r.mc_s for r in rounds)
-        mc = {"rounds": [r.summary() for r in rounds], "mc_se": mce.se.tolist(), "mc_bias": mce.bias.tolist()}
-    else:
-        fr = fit(pop, drawset, n_starts=n_starts, seed=seed, wald=True)
-        t_fit, t_mc, mc = time.perf_counter() - t2, 0.0, {}
-    t_total = time.perf_counter() - t0
-    t_sample += extra_s["sampling"]
-    t_weights += extra_s["weights"]
-    est_t = pop.transform(fr.estimate)
+    with tempfile.TemporaryDirectory() as tmp:
+        csv, pop = Path(tmp) / "cells.csv", Path(tmp) / "population.toml"
+        write_cells(csv, obs, design)
+        pop.write_text(f"random_effects = {json.dumps(re)}\ncovariance = \"diagonal\"\n")
+        opts = pipeline.InferenceOptions(model=model.name, data=str(csv), population=str(pop), seed=seed,
+                                         n_starts=n_starts, profiles=False, cache_dir=str(Path(tmp) / "cache"),
+                                         n_draws=None if adapt else default_n_draws(n),
+                                         mc_refits=4 if adapt else 0)
+        t0 = time.perf_counter()
+        ctx = pipeline.prepare_inference(opts)
+        fr, mc, proposal = pipeline.fit_population(ctx, False)
+        t_total = time.perf_counter() - t0
     ci = fr.wald_ci.get(0.95)
     rows = {}
     for j, pname in enumerate(fr.parameter_names):
         if pname.startswith("beta_"):
             p = pname[len("beta_"):]
-            i = names.index(p)
-            true, sample = truth["mean"][i], float(np.mean(phi[:, i]))
         elif pname.startswith("log_omega_"):
             p = pname[len("log_omega_"):]
-            i = names.index(p)
-            true, sample = 0.5 * float(np.log(truth["var"][i])), float(np.log(np.std(phi[:, i])))
+        elif pname.startswith("log_") and pname[4:] in names:  # a residual sd estimated as a population parameter
+            p, pname = pname[4:], "beta_" + pname[4:]
         else:
             continue
+        i = names.index(p)
+        if pname.startswith("beta_"):
+            true, sample = truth["mean"][i], float(np.mean(phi[:, i]))
+        else:
+            true, sample = 0.5 * float(np.log(truth["var"][i])), float(np.log(np.std(phi[:, i])))
         lo, hi = (float(ci[j, 0]), float(ci[j, 1])) if ci is not None and np.all(np.isfinite(ci[j])) else (None, None)
         rows[pname] = {"estimate": float(fr.estimate[j]), "truth": true, "sample": sample,
                        "se": None if fr.se is None else float(fr.se[j]), "ci95": [lo, hi]}
@@ -126,13 +119,15 @@ def run_size(model, est, truth: dict, n: int, n_starts: int, seed: int, adapt: b
     for v in rows.values():
         lo, hi = v["ci95"]
         v["covers"] = None if lo is None else bool(lo <= v["truth"] <= hi)
+    t = ctx.timings
     return {
-        "n": n, "n_draws_start": n_draws, "n_draws": int(drawset.M), "likelihood": likelihood,
+        "n": n, "n_draws_start": default_n_draws(n), "n_draws": int(ctx.drawset.M), "likelihood": ctx.likelihood,
         "labels_swapped": swapped,
-        "time_s": {"sampling": t_sample, "weights": t_weights, "fit": t_fit, "mc_error": t_mc,
-                   "per_start": t_fit / n_starts, "total": t_total},
+        "time_s": {"sampling": t.get("posterior_draws_s", 0.0), "weights": t.get("likelihood_weights_s", 0.0),
+                   "refine": t.get("refine_s", 0.0), "fit": t.get("fit_s", 0.0), "mc_error": t.get("mc_refits_s", 0.0),
+                   "per_start": t.get("fit_s", 0.0) / n_starts, "total": t_total},
         "n_starts": n_starts, "n_converged": fr.n_converged, "parameters": rows, "monte_carlo": mc,
-        "omega_sd": est_t["omega_sd"], "log_mean": est_t["log_mean"],
+        "proposal": {k: v for k, v in (proposal or {}).items() if k != "individuals_khat_above_0.7"},
     }
 
 
@@ -163,9 +158,10 @@ def _relabel(rows: dict, pair: tuple[str, str] | None) -> bool:
 def table(model_name: str, results: list[dict]) -> str:
     """Markdown: time and accuracy per size."""
     ref = PAPER_SECONDS[model_name]
-    lines = ["| cells | draws | weights | delta/gamma labels | sampling (s) | fit (s) | MC error (s) | total (s) "
-             "| max MC error / SE | max abs error of means | max abs error of log omega | 95% CIs covering the truth |",
-             "|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| cells | draws | weights | delta/gamma labels | sampling (s) | refine + fit (s) | MC error (s) | total (s) "
+             "| max MC error / SE | k̂ median (> 0.7) | max abs error of means | max abs error of log omega | 95% CIs "
+             "covering the truth |",
+             "|---:|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in results:
         t = r["time_s"]
         means = [v for k, v in r["parameters"].items() if k.startswith("beta_")]
@@ -178,9 +174,11 @@ def table(model_name: str, results: list[dict]) -> str:
         draws = f"{start} → {r['n_draws']}" if start != r["n_draws"] else f"{r['n_draws']}"
         rounds = r.get("monte_carlo", {}).get("rounds")
         ratio = f"{rounds[-1]['max_mc_over_se']:.2f}" if rounds else "–"
+        prop = r.get("proposal") or {}
+        khat = f"{prop['khat_median']:.2f} ({prop['n_khat_above_0.7']})" if prop else "–"
         lines.append(f"| {r['n']:,} | {draws} | {r['likelihood']} | {labels} | {t['sampling']:.1f} | "
-                     f"{t['fit']:.1f} | {t.get('mc_error', 0.0):.1f} | {t['total']:.1f} | {ratio} | {err_m:.3f} | "
-                     f"{err_o:.3f} | {sum(cov)}/{len(cov)} |")
+                     f"{t['fit']:.1f} | {t.get('mc_error', 0.0):.1f} | {t['total']:.1f} | {ratio} | {khat} | "
+                     f"{err_m:.3f} | {err_o:.3f} | {sum(cov)}/{len(cov)} |")
     lines.append(f"\nPaper at 10,000 cells: {ref['per_start']:.0f} s per start (its code, 8 cores), "
                  f"Monolix SAEM {ref['monolix']:,.0f} s.")
     return "\n".join(lines)
@@ -221,6 +219,9 @@ def main() -> None:
     truth = TRUTH[args.model]
     warm = synthetic_population(model, truth, 8, np.random.default_rng(0))
     est.sample(warm[1], warm[2], 10)  # compile once, not timed
+    from amortized_nlme.inference import pipeline
+
+    pipeline.load_estimator = lambda path, model_: est  # every size uses this estimator (loaded and compiled once)
     results = []
     for n in args.sizes:
         r = run_size(model, est, truth, n, args.starts, args.seed, adapt=not args.fixed_draws)

@@ -401,7 +401,7 @@ def run_inference(opts: InferenceOptions) -> Path:
         profile = [names.index(p) for p in opts.profile_parameters]
     fr, mc, proposal = fit_population(ctx, profile)
     selection = marginal_likelihood_summary(ctx, fr, opts)
-    support = check_support(ctx.estimator, ctx.model, ctx.observations, ctx.design, ctx.cache).summary(
+    support = check_support(ctx.estimator, ctx.model, ctx.observations, ctx.design, user_cache_dir() / "support").summary(
         ctx.dataset.ids)
     kernel = kernel_bias(ctx, fr)
     at_bound = [] if fr.at_bound is None else [fr.parameter_names[i] for i in np.flatnonzero(fr.at_bound)]

@@ -435,55 +435,6 @@ def visual_predictive_check(
     censoring: Censoring | None = None, residual: ResidualError | None = None, binning: str = "auto",
     n_bins: int | None = None,
 ) -> list[VPCPanel]:
-    """Simulate ``n_replicates`` replicate populations from the fitted population model (each individual's own design,
-    covariates and group; at most ``max_individuals`` individuals, chosen at random) and compare the observed
-    ``quantiles`` per time bin with the simulated ``interval`` ranges of the same quantiles. One panel per group (or
-    one for everyone) and observation type."""
-    rng = np.random.default_rng(seed)
-    n = observations.shape[0]
-    sub = np.sort(rng.choice(n, size=max_individuals, replace=False)) if n > max_individuals else np.arange(n)
-    m = sub.size
-    phi = sample_population(population, theta, n, covariates, groups, rng, index=sub, n_replicates=n_replicates)
-    rep_design = take_design(design, np.tile(sub, n_replicates))
-    sim = model.simulate(full_parameters(model, population, theta, phi.reshape(-1, population.k)), rep_design, rng)
-    sim = sim.reshape(n_replicates, m, *sim.shape[1:])
-    has_nan = bool(np.isnan(sim).any())
-    if has_nan:
-        logger.warning("VPC: %d simulated values are NaN (failed simulations); ignored", int(np.isnan(sim).sum()))
-    obs = observations[sub]
-    mask = np.asarray(design["mask"], dtype=bool)[sub]
-    bins, reps = time_bins(np.asarray(design["times"], dtype=np.float64)[sub], mask)
-    if groups is None:
-        strata = [("all", np.arange(m))]
-    else:
-        labels = np.asarray(groups).astype(str)[sub]
-        strata = [(g, np.flatnonzero(labels == g)) for g in sorted(set(labels.tolist()))]
-    qs = np.asarray(quantiles, dtype=np.float64)
-    a = (1.0 - interval) / 2.0
-    panels = []
-    for label, rows in strata:
-        bins_s, mask_s = bins[rows], mask[rows]
-        for j in range(obs.shape[2]):
-            B = reps.size
-            o = np.full((B, qs.size), np.nan)
-            lo, md, hi = (np.full((B, qs.size), np.nan) for _ in range(3))
-            counts = np.zeros(B, dtype=np.int64)
-            sim_s, obs_s = sim[:, rows][..., j], obs[rows][..., j]
-            for b in range(B):
-                sel = mask_s & (bins_s == b)
-                c = int(sel.sum())
-                counts[b] = c
-                if c < 3:
-                    continue
-                o[b] = np.quantile(obs_s[sel], qs)
-                vals = sim_s[:, sel]
-                sq = (np.nanquantile if has_nan else np.quantile)(vals, qs, axis=1)  # [Q, R]
-                lo[b], md[b], hi[b] = np.quantile(sq, [a, 0.5, 1.0 - a], axis=1)
-            name = model.obs_names[j] if j < len(model.obs_names) else f"y{j}"
-            panels.append(VPCPanel(label, j, name, reps, counts, tuple(qs.tolist()), o, lo, md, hi, interval))
-    return panels
-
-
     """Simulate replicate data sets from the fitted population model and compare the observed ``quantiles`` per
     time bin with the simulated ``interval`` ranges of the same quantiles (:func:`simulate_vpc`, :func:`vpc_panels`).
     ``strata``: ``"groups"`` (one stratum per group, or one for everyone without groups), None (one stratum) or
