@@ -288,20 +288,41 @@ def _negdef(H: np.ndarray, floor: float = 1e-8) -> np.ndarray:
     return np.einsum("rij,rj,rkj->rik", V, w, V)
 
 
-def find_modes(target: TargetDensity, x0: np.ndarray, rows: np.ndarray, h: np.ndarray, max_iter: int = 30
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Damped Newton ascent of ``target`` from ``x0 [r, k]`` for each row; returns modes, values and the positive
-    definite precision (-Hessian) at the modes."""
+def _fd_gradient(target: TargetDensity, x: np.ndarray, rows: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Central-difference gradient of ``target`` at ``x [r, k]`` (one vectorised call, 2k points per row)."""
+    r, k = x.shape
+    E = np.eye(k)
+    P = np.concatenate([x[:, None, :] + h[:, None, :] * E[None], x[:, None, :] - h[:, None, :] * E[None]], axis=1)
+    vals = target(P.reshape(-1, k), np.repeat(rows, 2 * k)).reshape(r, 2 * k)
+    return (vals[:, :k] - vals[:, k:]) / (2 * h)
+
+
+def find_modes(target: TargetDensity, x0: np.ndarray, rows: np.ndarray, h: np.ndarray, max_iter: int = 30,
+               refresh: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Damped Newton ascent of ``target`` from ``x0 [r, k]`` for each row, the Hessian (finite differences, 2k^2
+    evaluations) refreshed every ``refresh`` iterations and gradients (2k evaluations) in between; returns modes,
+    values and the positive definite precision (-Hessian) at the modes."""
     x = np.array(x0, dtype=np.float64)
-    active = np.ones(x.shape[0], dtype=bool)
+    r, k = x.shape
+    active = np.ones(r, dtype=bool)
     f = target(x, rows)
-    for _ in range(max_iter):
+    P = np.empty((r, k, k))
+    P[:] = np.eye(k)
+    stale = np.ones(r, dtype=bool)  # rows whose Hessian must be recomputed before the next step
+    for it in range(max_iter):
         idx = np.flatnonzero(active & np.isfinite(f))
         if idx.size == 0:
             break
-        f0, g, H = _fd_derivatives(target, x[idx], rows[idx], h[idx])
-        P = _negdef(H)
-        d = np.linalg.solve(P, g[..., None])[..., 0]
+        g = np.empty((idx.size, k))
+        fresh = stale[idx] | (it % refresh == 0)
+        if fresh.any():
+            _, g[fresh], H = _fd_derivatives(target, x[idx[fresh]], rows[idx[fresh]], h[idx[fresh]])
+            P[idx[fresh]] = _negdef(H)
+            stale[idx[fresh]] = False
+        if (~fresh).any():
+            g[~fresh] = _fd_gradient(target, x[idx[~fresh]], rows[idx[~fresh]], h[idx[~fresh]])
+        f0 = f[idx]
+        d = np.linalg.solve(P[idx], g[..., None])[..., 0]
         decrement = np.einsum("rk,rk->r", g, d)
         done = ~(decrement > 1e-5) | ~np.all(np.isfinite(d), axis=1)
         step = np.ones(idx.size)
@@ -317,10 +338,11 @@ def find_modes(target: TargetDensity, x0: np.ndarray, rows: np.ndarray, h: np.nd
             f[idx[trial[ok]]] = ft[ok]
             accepted[trial[ok]] = True
             step[trial[~ok]] *= 0.5
-        active[idx[done | ~accepted]] = False
+        # a failed line search with an old Hessian gets a fresh one before giving up
+        retry = ~accepted & ~done & ~fresh
+        stale[idx[retry]] = True
+        active[idx[(done | ~accepted) & ~retry]] = False
     ok_rows = np.flatnonzero(np.isfinite(f))
-    P = np.empty((x.shape[0], x.shape[1], x.shape[1]))
-    P[:] = np.eye(x.shape[1])
     if ok_rows.size:
         _, _, H = _fd_derivatives(target, x[ok_rows], rows[ok_rows], h[ok_rows])
         P[ok_rows] = _negdef(H)
