@@ -64,7 +64,7 @@ class LinearPK(IndividualModel):
     time_unit = ""
     supports_censoring = True
     error_params: tuple[str, ...] = ()
-    error_kind = "proportional"
+    error_kind = "combined"  # the default residual error of a population fit (additive + proportional)
 
     def __init__(self, structure: str, lag_time: bool = False) -> None:
         if structure not in STRUCTURES:
@@ -112,7 +112,7 @@ class LinearPK(IndividualModel):
         lloq_q = np.where(rng.random(n) < 0.25, rng.uniform(0.05, 0.5, size=n), 0.0)
         return {"times": times, "mask": mask, "censored": np.zeros((n, MAX_OBS), dtype=bool), "doses": doses,
                 "n_doses": n_doses, "error_kind": kind.astype(np.int64), "sigma_prop": prop,
-                "sigma_add_rel": add, "lloq_quantile": lloq_q}
+                "sigma_add_rel": add, "sigma_add": np.zeros(n), "lloq_quantile": lloq_q}
 
     def _regimen(self, rng: np.random.Generator) -> tuple[np.ndarray, int]:
         """One subject's dose records (time, amount, route, duration, ss, ii, reset)."""
@@ -207,6 +207,8 @@ class LinearPK(IndividualModel):
         kind = np.asarray(design["error_kind"])[:, None]
         add = (np.asarray(design["sigma_add_rel"]) * level)[:, None]
         prop = np.asarray(design["sigma_prop"])[:, None]
+        if "sigma_add" in design:
+            design["sigma_add"][...] = add[:, 0]  # the absolute additive sd, for the likelihood of simulated data
         sd = np.where(kind == 0, add, np.where(kind == 1, prop * np.abs(f), np.sqrt(add**2 + (prop * f) ** 2)))
         sd = np.maximum(sd, 1e-12 * level[:, None])
         y = f + sd * rng.standard_normal(f.shape)
@@ -226,6 +228,28 @@ class LinearPK(IndividualModel):
         z = np.abs(target - self._prior.mean) / self._prior.std
         out[z.max(axis=1) > TARGET_LIMIT_SD] = np.nan
         return out
+
+    def log_likelihood(self, phi: np.ndarray, observations: np.ndarray, design: Design) -> np.ndarray:
+        """log p(y | phi) of *simulated* data, whose design carries the residual error it was simulated with (the
+        calibration check's proposal quality uses it); real data have a population residual error instead, which
+        the inference stage handles (:mod:`amortized_nlme.inference.likelihood`)."""
+        if "error_kind" not in design or "sigma_add" not in design:
+            raise NotImplementedError(f"{self.name}: the residual error of real data is a population parameter")
+        from scipy.special import log_ndtr
+
+        f = self.predict(phi, design)[..., 0]
+        y = np.asarray(observations, np.float64)[..., 0]
+        mask = np.asarray(design["mask"], bool)
+        cens = np.asarray(design.get("censored", np.zeros_like(mask)), bool)
+        kind = np.asarray(design["error_kind"])[:, None]
+        add = np.asarray(design["sigma_add"], np.float64)[:, None]
+        prop = np.asarray(design["sigma_prop"], np.float64)[:, None]
+        sd = np.where(kind == 0, add, np.where(kind == 1, prop * np.abs(f), np.sqrt(add**2 + (prop * f) ** 2)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = (y - f) / sd
+            point = np.where(cens, log_ndtr(z), -0.5 * z * z - np.log(sd) - 0.5 * np.log(2 * np.pi))
+        out = np.sum(np.where(mask, point, 0.0), axis=1)
+        return np.where(np.isfinite(out), out, -np.inf)
 
     # --------------------------------------------------------------------------------------- normalisation
     def _scales(self, observations: np.ndarray, design: Design) -> tuple[np.ndarray, np.ndarray, np.ndarray,

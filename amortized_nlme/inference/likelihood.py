@@ -93,8 +93,8 @@ def plan_weights(likelihood: str, model: IndividualModel, config: PopulationConf
                               "as a population parameter")
         return WeightPlan("exact", names, np.arange(len(names)), np.zeros(0, np.int64), None,
                           data_prior=model.data_prior(observations, design))
-    kind = config.residual_error or (model.error_kind if err else model.residual_kinds()[0] if
-                                     model.residual_kinds() else None)
+    kind = config.residual_error or model.error_kind or (model.residual_kinds()[0] if model.residual_kinds()
+                                                          else None)
     if kind is None:
         return WeightPlan("exact", names, np.arange(len(names)), np.zeros(0, np.int64), None,
                           data_prior=model.data_prior(observations, design))
