@@ -94,6 +94,19 @@ def resolve_data_path(path: str) -> str:
     return path
 
 
+def resolve_population_path(path: str) -> str:
+    """A population file: as given when it exists, else a shipped one by name (``theophylline.toml`` finds
+    ``workflows/populations/theophylline.toml`` wherever the package is installed)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute() or len(p.parts) > 1:
+        return path
+    for folder in _candidates("workflows"):
+        q = folder / "populations" / p.name
+        if q.is_file():
+            return str(q)
+    return path
+
+
 def user_cache_dir() -> Path:
     """``$AMORTIZED_NLME_CACHE``, else ``$XDG_CACHE_HOME/amortized-nlme``, else ``~/.cache/amortized-nlme``."""
     explicit = os.environ.get("AMORTIZED_NLME_CACHE")

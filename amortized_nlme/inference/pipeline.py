@@ -32,7 +32,8 @@ from amortized_nlme.model import Design, IndividualModel, NormalPrior  # noqa: E
 from amortized_nlme.population import DrawSet, PopulationModel, bind_population  # noqa: E402
 from amortized_nlme.posterior import TrainedEstimator, load_estimator, posterior_draws  # noqa: E402
 from amortized_nlme.provenance import package_versions, platform_description  # noqa: E402
-from amortized_nlme.resources import estimator_dir, resolve_data_path, user_cache_dir  # noqa: E402
+from amortized_nlme.resources import (  # noqa: E402
+    estimator_dir, resolve_data_path, resolve_population_path, user_cache_dir)
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ class InferenceContext:
 def population_config(opts: InferenceOptions, workflow: WorkflowConfig) -> tuple[PopulationConfig, str]:
     """The population model to fit (``--pop`` file, else the workflow's ``[population]``) and where it came from."""
     if opts.population:
-        return load_population(opts.population), str(opts.population)
+        path = resolve_population_path(opts.population)
+        return load_population(path), path
     if workflow.population is None:
         raise ConfigError(f"no population model given (--pop) and the {workflow.model} workflow has no [population] "
                           "table")
