@@ -114,3 +114,12 @@ def test_population_file_errors_name_file_and_key(tmp_path: Path) -> None:
     path.write_text('covariance = "banded"\n')
     with pytest.raises(ConfigError, match=r"pop\.toml: covariance"):
         load_population(path)
+
+
+def test_readme_configuration_reference_is_generated_from_the_schema() -> None:
+    """The README's table of every configuration key is the schema's own (``make config-reference`` rewrites it)."""
+    from amortized_nlme.config import reference_table
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- config-reference:start -->\n", 1)[1].split("\n<!-- config-reference:end -->", 1)[0]
+    assert block == reference_table()

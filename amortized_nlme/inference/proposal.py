@@ -40,6 +40,8 @@ KHAT_THRESHOLD = 0.7
 T_DF = 5.0
 #: share of the draws that stay with the estimator in a refined proposal (the defensive part)
 ALPHA = 0.2
+#: starts optimised together (memory: 2k^2 model evaluations per start at once)
+MODE_BLOCK = 256
 #: the refinement's target is -inf beyond this many training-prior sds (the estimator's support is 10)
 TARGET_SUPPORT_SD = 12.0
 
@@ -381,7 +383,12 @@ def build_mixtures(objective: PopulationObjective, theta: np.ndarray, proposals:
     fallback = psi.std(axis=1)
     spread = np.where(spread > 1e-8, spread, fallback)
     h = np.clip(0.1 * spread[owner], 1e-5, 2e-2)
-    modes, values, precision = find_modes(target, starts, individuals[owner], h)
+    # in blocks of starts: finite differences evaluate the model at 2k^2 points per start at once
+    modes, values = np.empty_like(starts), np.empty(starts.shape[0])
+    precision = np.empty((starts.shape[0], k, k))
+    for a in range(0, starts.shape[0], MODE_BLOCK):
+        b = min(a + MODE_BLOCK, starts.shape[0])
+        modes[a:b], values[a:b], precision[a:b] = find_modes(target, starts[a:b], individuals[owner[a:b]], h[a:b])
     out: dict[int, TMixture] = {}
     for r, i in enumerate(individuals):
         mine = np.flatnonzero((owner == r) & np.isfinite(values))
