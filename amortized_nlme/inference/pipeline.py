@@ -290,7 +290,7 @@ def refine_proposals(ctx: InferenceContext, fr) -> tuple[Any, list[dict]]:
                     round_ + 1)
         mixtures = build_mixtures(fr.objective, fr.estimate, ctx.proposals, ctx.drawset, flagged,
                                   inflation=REFINE_INFLATION[min(round_, len(REFINE_INFLATION) - 1)])
-        ctx.proposals.mixtures.update(mixtures)
+        ctx.proposals.add_mixtures(mixtures)
         rows = np.array(sorted(mixtures), dtype=np.int64)
         if rows.size == 0:
             break
@@ -307,28 +307,22 @@ def refine_proposals(ctx: InferenceContext, fr) -> tuple[Any, list[dict]]:
     return fr, records
 
 
-def fit_population(ctx: InferenceContext, profile: bool | list[int]):
-    """The fit of ``run_inference``: multistart; with exact weights, proposal refinement where individuals' weights
-    are unreliable; the Monte-Carlo error of the estimates with (without ``--draws``) more draws until it is below
-    ``mc_target`` x the statistical SE; then profiles on the final draws. Returns the fit and the Monte-Carlo and
-    proposal sections of ``summary.json``."""
-    from amortized_nlme.population import fit, fit_with_enough_draws, profile_intervals
+#: fits again after refining the proposals at the fitted estimate (exact likelihood), at most this many times
+REFIT_CYCLES = 2
+
+
+def _fit_and_measure(ctx: InferenceContext, guesses: list[np.ndarray] | None, t0: float):
+    """Multistart (with ``guesses``), Wald SEs and, with ``mc_refits`` >= 2, the Monte-Carlo error of the estimates
+    with draws added until it meets the target (without ``--draws``); returns the fit and the ``monte_carlo``
+    section of ``summary.json``."""
+    from amortized_nlme.population import fit, fit_with_enough_draws
 
     opts = ctx.options
-    t0 = time.perf_counter()
-    refinement: list[dict] = []
-    guesses = None
-    if ctx.likelihood == "exact":
-        pilot = fit(ctx.population, ctx.drawset, ctx.covariates, ctx.groups, n_starts=opts.n_starts, seed=opts.seed,
-                    wald=False, progress_bar=True)
-        refined, refinement = refine_proposals(ctx, pilot)
-        guesses = [refined.estimate]
-        ctx.timings["refine_s"] = time.perf_counter() - t0
     if opts.mc_refits < 2:
         fr = fit(ctx.population, ctx.drawset, ctx.covariates, ctx.groups, n_starts=opts.n_starts, seed=opts.seed,
                  x_guesses=guesses, wald=True, progress_bar=True)
         ctx.timings["fit_s"] = time.perf_counter() - t0
-        mc: dict[str, Any] = {}
+        return fr, {}
     else:
         adaptive = opts.n_draws is None
         start_m = ctx.drawset.M
@@ -357,6 +351,49 @@ def fit_population(ctx: InferenceContext, profile: bool | list[int]):
             "mc_over_se": dict(zip(fr.parameter_names, ratio.tolist())),
             "max_mc_over_se": worst,
         }
+    return fr, mc
+
+
+def fit_population(ctx: InferenceContext, profile: bool | list[int]):
+    """The fit of ``run_inference``: multistart; with exact weights, proposal refinement where individuals' weights
+    are unreliable; the Monte-Carlo error of the estimates with (without ``--draws``) more draws until it is below
+    ``mc_target`` x the statistical SE; then profiles on the final draws. Returns the fit and the Monte-Carlo and
+    proposal sections of ``summary.json``."""
+    from amortized_nlme.population import fit, profile_intervals
+    from amortized_nlme.population.fit import distinct_end_points
+
+    opts = ctx.options
+    t0 = time.perf_counter()
+    pilot = None
+    refinement: list[dict] = []
+    guesses = None
+    if ctx.likelihood == "exact":
+        pilot = fit(ctx.population, ctx.drawset, ctx.covariates, ctx.groups, n_starts=opts.n_starts, seed=opts.seed,
+                    wald=False, progress_bar=True)
+        refined, refinement = refine_proposals(ctx, pilot)
+        guesses = [refined.estimate]
+        ctx.timings["refine_s"] = time.perf_counter() - t0
+    mc: dict[str, Any] = {}
+    for cycle in range(1 + REFIT_CYCLES * (ctx.likelihood == "exact")):
+        fr, mc = _fit_and_measure(ctx, guesses, t0)
+        if ctx.likelihood != "exact" or cycle == REFIT_CYCLES:
+            break
+        # the multistart may have moved where the proposals were not refined (a variance collapsing towards 0 can
+        # look better on the fitting draws than it is): refine there and fit again, or stop when nothing is flagged
+        flagged = diagnose(fr.objective, fr.estimate).flagged
+        if flagged.size == 0:
+            break
+        t1 = time.perf_counter()
+        logger.info("after the fit, %d individuals have Pareto k̂ > 0.7: refining there and fitting again",
+                    flagged.size)
+        refined, more = refine_proposals(ctx, fr)
+        refinement += [{**r, "after_fit": cycle + 1} for r in more]
+        guesses = [refined.estimate, *(guesses or [])]
+        ctx.timings["refine_s"] = ctx.timings.get("refine_s", 0.0) + time.perf_counter() - t1
+    validation = None
+    if ctx.likelihood == "exact":
+        candidates = [*distinct_end_points(fr)[:4], *(guesses or []), *([] if pilot is None else [pilot.estimate])]
+        fr, mc, validation = validate_optimum(ctx, fr, mc, candidates)
     if profile is not False:
         t1 = time.perf_counter()
         profile_intervals(fr, None if profile is True else list(profile), progress_bar=True)
@@ -367,7 +404,52 @@ def fit_population(ctx: InferenceContext, profile: bool | list[int]):
         proposal = diag.summary(ctx.dataset.ids)
         proposal["refinement_rounds"] = refinement
         proposal["n_refined"] = len(ctx.proposals.mixtures)
+        proposal["optimum_validation"] = validation
     return fr, mc, proposal
+
+
+def validate_optimum(ctx: InferenceContext, fr, mc: dict, candidates: list[np.ndarray]):
+    """The multistart's choice checked on independent draws: the estimate and the other candidate optima (distinct
+    end points, earlier estimates) are evaluated on one fresh batch from the final proposals. An optimizer can exploit
+    the fitting draws' Monte-Carlo noise -- typically a variance collapsing to its bound, where the weights are most
+    variable -- and that does not survive fresh draws: when another candidate is better there by more than twice the
+    Monte-Carlo SE, the fit restarts from it on the fitting and fresh draws together."""
+    from amortized_nlme.population import PopulationObjective, fit, monte_carlo_error
+
+    unique: list[np.ndarray] = [fr.estimate]
+    for c in candidates:
+        c = np.clip(np.asarray(c, dtype=np.float64), *ctx.population.bounds())
+        if all(np.max(np.abs(c - u)) > 1e-3 for u in unique):
+            unique.append(c)
+    if len(unique) == 1:
+        return fr, mc, {"candidates": 1}
+    t0 = time.perf_counter()
+    phi, log_g = ctx.proposals.draw(ctx.drawset.M, extension_seed(ctx.options.seed, 96))
+    fresh = exact_drawset(ctx.plan, ctx.model, phi, log_g, ctx.observations, ctx.design, ctx.dataset.ids,
+                          ctx.proposals.aux)
+    obj = PopulationObjective(ctx.population, fresh, ctx.covariates, ctx.groups)
+    values = np.array([obj.value(c) for c in unique])
+    best = int(np.argmin(values))
+    se = obj.diagnostics(unique[best]).mc_se
+    record = {"candidates": len(unique), "fresh_objective": values.tolist(), "mc_se": se, "chosen": 0}
+    if best != 0 and values[0] - values[best] > 2.0 * se:
+        logger.warning("the estimate is %.2f worse than another optimum on fresh draws (Monte-Carlo SE %.2f): it "
+                       "exploited the fitting draws' noise; refitting from the other optimum on both draw sets",
+                       values[0] - values[best], se)
+        ctx.drawset = DrawSet.concatenate([ctx.drawset, fresh])
+        ctx.draws = np.concatenate([ctx.draws, phi], axis=1)
+        fr = fit(ctx.population, ctx.drawset, ctx.covariates, ctx.groups, n_starts=1, seed=ctx.options.seed,
+                 x_guesses=[unique[best]], initial_guess=False, wald=True)
+        if ctx.options.mc_refits >= 2:
+            mce = monte_carlo_error(fr, ctx.drawset, ctx.options.mc_refits)
+            ratio = mce.ratio(fr.se)
+            mc = {**mc, "n_draws_final": int(ctx.drawset.M), "mc_se": dict(zip(fr.parameter_names, mce.se.tolist())),
+                  "mc_bias": dict(zip(fr.parameter_names, mce.bias.tolist())),
+                  "mc_over_se": dict(zip(fr.parameter_names, ratio.tolist())),
+                  "max_mc_over_se": float(np.nanmax(ratio)) if np.isfinite(ratio).any() else None}
+        record["chosen"] = best
+    ctx.timings["validation_s"] = time.perf_counter() - t0
+    return fr, mc, record
 
 
 def kernel_bias(ctx: InferenceContext, fr) -> dict[str, Any] | None:

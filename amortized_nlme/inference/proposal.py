@@ -114,6 +114,7 @@ class TMixture:
     log_pi: np.ndarray  # [C]
     alpha: float = ALPHA
     df: float = T_DF
+    rounds: np.ndarray | None = None  # refinement round of each component (see ProposalSet.add_mixtures)
 
     def counts(self, m: int) -> tuple[int, np.ndarray]:
         """Draws from q and from each component for ``m`` draws: exact, deterministic (stratified) allocation."""
@@ -165,6 +166,28 @@ class ProposalSet:
     cache_dir: Path | None
     aux: AuxiliaryConditional | None = None
     mixtures: dict[int, TMixture] = field(default_factory=dict)
+
+    def add_mixtures(self, mixtures: dict[int, TMixture], keep_rounds: int = 3) -> None:
+        """Add refined components: an individual refined before keeps its earlier components beside the new ones
+        (each round an equal share of the t part), so the proposal stays good wherever the fit has been, not only
+        at the last estimate (the last ``keep_rounds`` rounds are kept)."""
+        for i, new in mixtures.items():
+            old = self.mixtures.get(i)
+            if old is None:
+                new.rounds = np.zeros(new.loc.shape[0], dtype=np.int64)
+                self.mixtures[i] = new
+                continue
+            rounds = np.concatenate([old.rounds, np.full(new.loc.shape[0], old.rounds.max() + 1)])
+            keep = rounds > rounds.max() - keep_rounds
+            groups = np.unique(rounds[keep])
+            log_pi = np.concatenate([old.log_pi, new.log_pi])
+            for g in groups:  # equal share per round, the round's own proportions within it
+                sel = keep & (rounds == g)
+                log_pi[sel] = log_pi[sel] - logsumexp(log_pi[sel]) - math.log(groups.size)
+            merged = TMixture(np.concatenate([old.loc, new.loc])[keep], np.concatenate([old.chol, new.chol])[keep],
+                              log_pi[keep], new.alpha, new.df)
+            merged.rounds = rounds[keep]
+            self.mixtures[i] = merged
 
     def draw(self, m: int, seed: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``m`` draws per individual (``rows``; default all) and their log proposal densities ``[n, m]``."""

@@ -9,12 +9,12 @@ Public API: :class:`PopulationModel`, :func:`bind_population`, :class:`DrawSet`,
 """
 
 from amortized_nlme.population.covariates import bind_population, covariate_columns, dummy_columns
-from amortized_nlme.population.fit import FitResult, fit, fit_with_enough_draws, profile_intervals
+from amortized_nlme.population.fit import FitResult, fit, fit_with_enough_draws, monte_carlo_error, profile_intervals
 from amortized_nlme.population.marginal import ImportanceSampler, count_observations, information_criteria
 from amortized_nlme.population.model import PopulationModel
 from amortized_nlme.population.objective import DrawSet, PopulationObjective
 from amortized_nlme.population.selection import select_covariates, write_selection
 
 __all__ = ["DrawSet", "FitResult", "ImportanceSampler", "PopulationModel", "PopulationObjective", "bind_population",
-           "count_observations", "covariate_columns", "dummy_columns", "fit", "fit_with_enough_draws",
+           "count_observations", "covariate_columns", "dummy_columns", "fit", "fit_with_enough_draws", "monte_carlo_error",
            "information_criteria", "profile_intervals", "select_covariates", "write_selection"]
