@@ -33,6 +33,8 @@ MAX_DOSES = 60
 MAX_TOKENS = MAX_OBS + MAX_DOSES
 N_CHANNELS = 14
 _LOG_FLOOR = 1e-4  # normalised concentrations below this are encoded at the floor on the log channel
+#: log-parameters beyond +-PHI_LIMIT give NaN predictions (see ``LinearPK.predict``)
+PHI_LIMIT = 200.0
 #: simulations whose normalised parameters lie beyond this many prior sds are redrawn (see ``simulate``)
 TARGET_LIMIT_SD = 5.0
 
@@ -190,6 +192,16 @@ class LinearPK(IndividualModel):
         return np.ascontiguousarray(p)
 
     def predict(self, phi: np.ndarray, design: Design) -> np.ndarray:
+        """Central concentrations ``[n, T, 1]``; NaN for parameter rows beyond e^+-200 (no drug has them, and the
+        closed forms would under- or overflow: a proposal's far tail may propose them)."""
+        phi = self.check_phi(phi)
+        sane = np.all(np.abs(phi) < PHI_LIMIT, axis=1)
+        if not sane.all():
+            out = np.full((*np.shape(design["times"]), 1), np.nan)
+            if sane.any():
+                rows = np.flatnonzero(sane)
+                out[rows] = self.predict(phi[rows], {k: v[rows] for k, v in design.items()})
+            return out
         conc = pkc.predict_batch(self.code, self._natural(phi), np.ascontiguousarray(design["doses"], np.float64),
                                  np.ascontiguousarray(design["n_doses"], np.int64),
                                  np.ascontiguousarray(design["times"], np.float64),

@@ -266,45 +266,58 @@ def draws_extender(ctx: InferenceContext):
 
 
 #: rounds of proposal refinement (each: diagnose at the current estimate, refine flagged individuals, refit)
-REFINE_ROUNDS = 3
+REFINE_ROUNDS = 4
 #: scale inflation of the t components in successive refinement rounds
 REFINE_INFLATION = (1.2, 1.4, 1.7)
 
 
 def refine_proposals(ctx: InferenceContext, fr) -> tuple[Any, list[dict]]:
-    """Where an individual's weights at the estimate have Pareto k̂ > 0.7, replace its proposal by a defensive
-    t mixture around its posterior modes under the fitted population, redraw and refit locally; up to
-    :data:`REFINE_ROUNDS` rounds. Returns the refitted result and one record per round."""
+    """Adaptive importance sampling around the fit: every individual's proposal gains a component from the fitted
+    population (a Student t at its population mean with the population covariance, so sparse individuals, whose
+    posterior is close to the population, are covered however the estimator does there), and individuals whose
+    weights have Pareto k̂ > 0.7 gain components at their posterior modes; all individuals are redrawn and the fit
+    is repeated locally, up to :data:`REFINE_ROUNDS` rounds, until nothing is flagged and the estimate has settled.
+    Components of earlier rounds are kept, so the proposals stay good wherever the fit has been. Returns the refitted
+    result and one record per round."""
+    from amortized_nlme.inference.proposal import population_components
     from amortized_nlme.population import fit
 
     records = []
+    n = ctx.dataset.n_individuals
+    settled = False
     for round_ in range(REFINE_ROUNDS):
         diag = diagnose(fr.objective, fr.estimate)
         flagged = diag.flagged
         records.append({"round": round_, "n_khat_above_0.7": int(flagged.size),
-                        "khat_median": float(np.median(diag.khat))})
-        if flagged.size == 0:
+                        "khat_median": float(np.median(diag.khat)), "ess_median": float(np.median(diag.ess))})
+        if round_ > 0 and flagged.size == 0 and settled:
             break
         t0 = time.perf_counter()
-        logger.info("refining the proposals of %d individuals with Pareto k̂ > 0.7 (round %d)", flagged.size,
-                    round_ + 1)
-        mixtures = build_mixtures(fr.objective, fr.estimate, ctx.proposals, ctx.drawset, flagged,
-                                  inflation=REFINE_INFLATION[min(round_, len(REFINE_INFLATION) - 1)])
+        logger.info("adapting the proposals at the estimate (round %d; %d individuals with Pareto k̂ > 0.7)",
+                    round_ + 1, flagged.size)
+        mixtures = population_components(fr.objective, fr.estimate, n)
+        if flagged.size:
+            modes = build_mixtures(fr.objective, fr.estimate, ctx.proposals, ctx.drawset, flagged,
+                                   inflation=REFINE_INFLATION[min(round_, len(REFINE_INFLATION) - 1)])
+            for i, mix in modes.items():
+                mixtures[i] = mixtures[i].joined(mix)
         ctx.proposals.add_mixtures(mixtures)
-        rows = np.array(sorted(mixtures), dtype=np.int64)
-        if rows.size == 0:
-            break
         seed = int(np.random.SeedSequence([ctx.options.seed, 0x5EF1, round_]).generate_state(1)[0])
-        phi, log_g = ctx.proposals.draw(ctx.drawset.M, seed, rows=rows)
-        new = exact_drawset(ctx.plan, ctx.model, phi, log_g, ctx.observations, ctx.design,
-                            [ctx.dataset.ids[i] for i in rows], ctx.proposals.aux, rows=rows)
-        ctx.drawset = ctx.drawset.replace_individuals(rows, new)
-        ctx.draws = ctx.draws.copy()
-        ctx.draws[rows] = phi
+        phi, log_g = ctx.proposals.draw(ctx.drawset.M, seed, rows=np.arange(n))
+        ctx.drawset = exact_drawset(ctx.plan, ctx.model, phi, log_g, ctx.observations, ctx.design, ctx.dataset.ids,
+                                    ctx.proposals.aux)
+        ctx.draws = phi
+        previous = fr.estimate
         fr = fit(ctx.population, ctx.drawset, ctx.covariates, ctx.groups, n_starts=1, seed=ctx.options.seed,
                  x_guesses=[fr.estimate], initial_guess=False, wald=False)
+        settled = bool(np.max(np.abs(fr.estimate - previous)) < SETTLED)
         records[-1]["seconds"] = round(time.perf_counter() - t0, 2)
+        records[-1]["largest_change"] = float(np.max(np.abs(fr.estimate - previous)))
     return fr, records
+
+
+#: the estimate has settled when no parameter moved more than this (log scale) in a refinement round
+SETTLED = 0.02
 
 
 #: fits again after refining the proposals at the fitted estimate (exact likelihood), at most this many times
@@ -492,7 +505,9 @@ def run_inference(opts: InferenceOptions) -> Path:
     status = assess(likelihood=ctx.likelihood, has_likelihood=ctx.model.has_likelihood,
                     n_individuals=ctx.dataset.n_individuals, proposal=proposal, support=support, at_bound=at_bound,
                     mc_ratio=mc.get("max_mc_over_se") if mc else None, mc_target=opts.mc_target,
-                    kernel_parameters=sorted(ctx.population.fixed_std))
+                    kernel_parameters=sorted(ctx.population.fixed_std),
+                    se_undefined=[] if fr.se is None else [fr.parameter_names[i]
+                                                           for i in np.flatnonzero(~np.isfinite(fr.se))])
     inputs = {
         "command": " ".join(sys.argv),
         "options": asdict(opts),

@@ -116,6 +116,13 @@ class TMixture:
     df: float = T_DF
     rounds: np.ndarray | None = None  # refinement round of each component (see ProposalSet.add_mixtures)
 
+    def joined(self, other: "TMixture") -> "TMixture":
+        """This mixture's components and ``other``'s, each set with half of the t part."""
+        a = self.log_pi - logsumexp(self.log_pi) - math.log(2.0)
+        b = other.log_pi - logsumexp(other.log_pi) - math.log(2.0)
+        return TMixture(np.concatenate([self.loc, other.loc]), np.concatenate([self.chol, other.chol]),
+                        np.concatenate([a, b]), self.alpha, self.df)
+
     def counts(self, m: int) -> tuple[int, np.ndarray]:
         """Draws from q and from each component for ``m`` draws: exact, deterministic (stratified) allocation."""
         m_q = max(1, int(round(self.alpha * m)))
@@ -374,12 +381,23 @@ def find_modes(target: TargetDensity, x0: np.ndarray, rows: np.ndarray, h: np.nd
     return x, f, P
 
 
+def population_components(objective: PopulationObjective, theta: np.ndarray, n: int, inflation: float = 1.5
+                          ) -> dict[int, TMixture]:
+    """For every individual a Student t at its population mean mu_i(theta) with the population covariance (inflated):
+    the posterior of an individual with little data is close to it, whatever the estimator proposes there."""
+    theta = np.asarray(theta, dtype=np.float64)
+    mu = objective.design.mean(theta)
+    L = objective.model.cholesky(theta) * inflation
+    return {i: TMixture(mu[i][None].copy(), L[None].copy(), np.zeros(1)) for i in range(n)}
+
+
 def build_mixtures(objective: PopulationObjective, theta: np.ndarray, proposals: ProposalSet, drawset,
                    individuals: np.ndarray, inflation: float = 1.0, n_starts: int = 1) -> dict[int, TMixture]:
     """t mixtures around the modes of the flagged ``individuals``' posteriors at ``theta``, started from each one's
     heaviest draws and its weighted mean (modes closer than one posterior sd are merged)."""
     target = TargetDensity(objective, theta, proposals.model, proposals.plan, proposals.observations,
                            proposals.design, proposals.aux)
+    pop_chol = objective.model.cholesky(np.asarray(theta, dtype=np.float64))
     lw = objective.log_weights(theta, None)[individuals] if individuals.size else np.zeros((0, drawset.M))
     w = np.exp(lw - np.max(np.where(np.isfinite(lw), lw, -np.inf), axis=1, keepdims=True)) if lw.size else lw
     w = np.nan_to_num(w / np.maximum(w.sum(axis=1, keepdims=True), 1e-300))
@@ -424,7 +442,7 @@ def build_mixtures(objective: PopulationObjective, theta: np.ndarray, proposals:
                 comps.append(j)
         locs, chols, logpi = [], [], []
         for j in comps:
-            cov = np.linalg.inv(precision[j]) * inflation ** 2
+            cov = np.linalg.inv(_at_least_population(precision[j], pop_chol)) * inflation ** 2
             cov = 0.5 * (cov + cov.T)
             locs.append(modes[j])
             chols.append(np.linalg.cholesky(cov))
@@ -446,6 +464,17 @@ def build_mixtures(objective: PopulationObjective, theta: np.ndarray, proposals:
         if locs:
             out[int(i)] = TMixture(np.array(locs), np.array(chols), np.array(logpi))
     return out
+
+
+def _at_least_population(P: np.ndarray, L: np.ndarray) -> np.ndarray:
+    """A posterior precision no smaller than the population's (Sigma = L L^T): the population posterior of a
+    log-concave likelihood is never wider than the population itself, so eigenvalues of the whitened precision below 1
+    are finite-difference noise or a flat direction and are raised to 1."""
+    Pw = L.T @ P @ L
+    w, V = np.linalg.eigh(0.5 * (Pw + Pw.T))
+    Pw = (V * np.maximum(w, 1.0)) @ V.T
+    A = whiten_inverse(L)
+    return A.T @ Pw @ A
 
 
 def cluster_starts(draws: np.ndarray, weights: np.ndarray, log_weights: np.ndarray, n_clusters: int = 3,

@@ -33,7 +33,7 @@ class Status:
 
 def assess(*, likelihood: str, has_likelihood: bool, n_individuals: int, proposal: dict | None,
            support: dict | None, at_bound: list[str], mc_ratio: float | None, mc_target: float,
-           kernel_parameters: list[str]) -> Status:
+           kernel_parameters: list[str], se_undefined: list[str] = ()) -> Status:
     """Collect every reason not to trust the fit as it stands."""
     st = Status()
     if likelihood == "amortized":
@@ -56,6 +56,9 @@ def assess(*, likelihood: str, has_likelihood: bool, n_individuals: int, proposa
     if at_bound:
         st.add("warning", f"estimates at an optimisation bound: {', '.join(at_bound)} (a variance collapsing to 0 "
                           "or a parameter the data do not identify)")
+    if se_undefined:
+        st.add("warning", f"no standard error for {', '.join(se_undefined)} (the Hessian is not positive definite "
+                          "there: a flat or non-identified direction); use the profile intervals")
     if mc_ratio is not None and mc_ratio > mc_target:
         level = "unreliable" if mc_ratio > UNRELIABLE_MC else "warning"
         st.add(level, f"Monte-Carlo error up to {mc_ratio:.2f} x the statistical SE (target {mc_target:g}); more "

@@ -145,8 +145,11 @@ _FASTMATH = {"reassoc", "contract", "nsz"}
 @nb.njit(fastmath=_FASTMATH, inline="always", cache=True)
 def _exp_nonpos(x: float) -> float:
     """exp(x) for x <= 0 by pure arithmetic so that the loop vectorises (~6x faster than libm here): relative
-    error < 1e-13 for x >= -40; below, x is clamped (a weight e^-40 of the largest one changes nothing)."""
-    y = max(x, -40.0) * (1.0 / 128.0)
+    error < 1e-13 for x >= -40; below, 0 (a weight under e^-40 of the largest one changes nothing, and it must not
+    carry the possibly huge derivative terms of a draw far in the tails into the gradient)."""
+    if x < -40.0:
+        return 0.0
+    y = x * (1.0 / 128.0)
     p = 1.0 / 6227020800.0
     p = p * y + 1.0 / 479001600.0
     p = p * y + 1.0 / 39916800.0
@@ -255,6 +258,8 @@ def _kernel_impl(
                 continue
             tot = 0.0
             for j in range(M):
+                # a draw with likelihood 0 (-inf) has weight exactly 0, not the clamped e^-40 (its derivative terms
+                # may be infinite)
                 e = _exp_nonpos(s[j] - mx)
                 s[j] = e
                 tot += e
@@ -267,8 +272,9 @@ def _kernel_impl(
             sum_a2[i] = a2
             if err_mode != 0 and want_grad:
                 for j in range(M):
-                    gerr_chunks[c, 0] += s[j] * de[0, j]
-                    gerr_chunks[c, 1] += s[j] * de[1, j]
+                    if s[j] > 0.0:
+                        gerr_chunks[c, 0] += s[j] * de[0, j]
+                        gerr_chunks[c, 1] += s[j] * de[1, j]
             for a in range(k):
                 za = z[a]
                 acc = 0.0

@@ -125,10 +125,11 @@ def error_statistics(kind: str, predictions: np.ndarray, y: np.ndarray, observed
     r = np.where(observed[:, None, :], np.asarray(y, dtype=np.float64)[:, None, :] - f, 0.0)
     if kind == "additive":
         return ErrorStatistics(kind, "sufficient", n_obs=observed.sum(axis=1), ssr=np.sum(r * r, axis=2))
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         rel = np.where(observed[:, None, :], r / f, 0.0)
         logf = np.where(observed[:, None, :], np.log(np.abs(f)), 0.0)
-    ssr, slf = np.sum(rel * rel, axis=2), np.sum(logf, axis=2)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ssr, slf = np.sum(rel * rel, axis=2), np.sum(logf, axis=2)
     bad = ~(np.isfinite(ssr) & np.isfinite(slf))
     ssr[bad], slf[bad] = np.inf, 0.0  # a zero prediction at an observation: the draw has likelihood 0
     return ErrorStatistics(kind, "sufficient", n_obs=observed.sum(axis=1), ssr=ssr, sum_log_f=slf)
@@ -163,6 +164,10 @@ def draw_loglik(mode: int, kind: int, i: int, j: int, a: float, b: float, n_obs:
     if mode == 1:
         n = n_obs[i]
         s2 = ssr[i, j]
+        if not s2 < np.inf:  # a prediction of 0 under a proportional error, or an overflow: likelihood 0
+            grad[0] = 0.0
+            grad[1] = 0.0
+            return -np.inf
         if kind == 0:
             inv = 1.0 / (a * a)
             grad[0] = -n + s2 * inv
