@@ -40,6 +40,10 @@ KHAT_THRESHOLD = 0.7
 T_DF = 5.0
 #: share of the draws that stay with the estimator in a refined proposal (the defensive part)
 ALPHA = 0.2
+#: kinds of mixture component: at an individual's population mean, or at a posterior mode / the weights' moments
+POPULATION, MODE = 0, 1
+#: share of a refined proposal's t part at posterior modes when it also has population components
+MODE_SHARE = 0.6
 #: starts optimised together (memory: 2k^2 model evaluations per start at once)
 MODE_BLOCK = 256
 #: the refinement's target is -inf beyond this many training-prior sds (the estimator's support is 10)
@@ -115,13 +119,19 @@ class TMixture:
     alpha: float = ALPHA
     df: float = T_DF
     rounds: np.ndarray | None = None  # refinement round of each component (see ProposalSet.add_mixtures)
+    #: what each component is: POPULATION (at the population mean) or MODE (at a posterior mode / weighted moments)
+    kinds: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.kinds is None:
+            self.kinds = np.full(self.loc.shape[0], MODE, dtype=np.int8)
 
     def joined(self, other: "TMixture") -> "TMixture":
         """This mixture's components and ``other``'s, each set with half of the t part."""
         a = self.log_pi - logsumexp(self.log_pi) - math.log(2.0)
         b = other.log_pi - logsumexp(other.log_pi) - math.log(2.0)
         return TMixture(np.concatenate([self.loc, other.loc]), np.concatenate([self.chol, other.chol]),
-                        np.concatenate([a, b]), self.alpha, self.df)
+                        np.concatenate([a, b]), self.alpha, self.df, kinds=np.concatenate([self.kinds, other.kinds]))
 
     def counts(self, m: int) -> tuple[int, np.ndarray]:
         """Draws from q and from each component for ``m`` draws: exact, deterministic (stratified) allocation."""
@@ -174,27 +184,34 @@ class ProposalSet:
     aux: AuxiliaryConditional | None = None
     mixtures: dict[int, TMixture] = field(default_factory=dict)
 
-    def add_mixtures(self, mixtures: dict[int, TMixture], keep_rounds: int = 3) -> None:
-        """Add refined components: an individual refined before keeps its earlier components beside the new ones
-        (each round an equal share of the t part), so the proposal stays good wherever the fit has been, not only
-        at the last estimate (the last ``keep_rounds`` rounds are kept)."""
+    def add_mixtures(self, mixtures: dict[int, TMixture], keep_population_rounds: int = 2) -> None:
+        """Add refined components. Components at posterior modes are never dropped (a mode found once stays
+        covered wherever the fit goes next: dropping them collapsed the effective sample size of individuals the
+        population components do not cover); population components are kept for the last
+        ``keep_population_rounds`` rounds. Shares of the t part: :data:`MODE_SHARE` for the modes (an equal share
+        per round, the Laplace proportions within it), the rest for the population components (equal per round);
+        all of it to whichever kind an individual has alone."""
         for i, new in mixtures.items():
             old = self.mixtures.get(i)
             if old is None:
-                new.rounds = np.zeros(new.loc.shape[0], dtype=np.int64)
-                self.mixtures[i] = new
-                continue
-            rounds = np.concatenate([old.rounds, np.full(new.loc.shape[0], old.rounds.max() + 1)])
-            keep = rounds > rounds.max() - keep_rounds
-            groups = np.unique(rounds[keep])
-            log_pi = np.concatenate([old.log_pi, new.log_pi])
-            for g in groups:  # equal share per round, the round's own proportions within it
-                sel = keep & (rounds == g)
-                log_pi[sel] = log_pi[sel] - logsumexp(log_pi[sel]) - math.log(groups.size)
-            merged = TMixture(np.concatenate([old.loc, new.loc])[keep], np.concatenate([old.chol, new.chol])[keep],
-                              log_pi[keep], new.alpha, new.df)
-            merged.rounds = rounds[keep]
-            self.mixtures[i] = merged
+                loc, chol, log_pi, kinds = new.loc, new.chol, new.log_pi, new.kinds
+                rounds = np.zeros(new.loc.shape[0], dtype=np.int64)
+            else:
+                loc, chol = np.concatenate([old.loc, new.loc]), np.concatenate([old.chol, new.chol])
+                log_pi, kinds = np.concatenate([old.log_pi, new.log_pi]), np.concatenate([old.kinds, new.kinds])
+                rounds = np.concatenate([old.rounds, np.full(new.loc.shape[0], old.rounds.max() + 1)])
+            population = kinds == POPULATION
+            kept_pop_rounds = np.unique(rounds[population])[-keep_population_rounds:]
+            keep = ~population | np.isin(rounds, kept_pop_rounds)
+            log_pi = np.array(log_pi, dtype=np.float64)
+            has_modes, has_pop = bool(np.any(keep & ~population)), bool(np.any(keep & population))
+            for kind, share in ((MODE, MODE_SHARE if has_pop else 1.0), (POPULATION, 1.0 - MODE_SHARE if has_modes else 1.0)):
+                groups = np.unique(rounds[keep & (kinds == kind)])
+                for g in groups:  # the kind's share split equally over its rounds, the round's proportions within
+                    sel = keep & (kinds == kind) & (rounds == g)
+                    log_pi[sel] = log_pi[sel] - logsumexp(log_pi[sel]) + math.log(share / groups.size)
+            self.mixtures[i] = TMixture(loc[keep], chol[keep], log_pi[keep], new.alpha, new.df,
+                                        rounds=rounds[keep], kinds=kinds[keep])
 
     def draw(self, m: int, seed: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``m`` draws per individual (``rows``; default all) and their log proposal densities ``[n, m]``."""
@@ -388,7 +405,8 @@ def population_components(objective: PopulationObjective, theta: np.ndarray, n: 
     theta = np.asarray(theta, dtype=np.float64)
     mu = objective.design.mean(theta)
     L = objective.model.cholesky(theta) * inflation
-    return {i: TMixture(mu[i][None].copy(), L[None].copy(), np.zeros(1)) for i in range(n)}
+    return {i: TMixture(mu[i][None].copy(), L[None].copy(), np.zeros(1), kinds=np.full(1, POPULATION, dtype=np.int8))
+            for i in range(n)}
 
 
 def build_mixtures(objective: PopulationObjective, theta: np.ndarray, proposals: ProposalSet, drawset,
