@@ -24,6 +24,9 @@ NOT_YET_CALIBRATED = {
                      "seeds, sigma outside its band (by 0.012 at the workflow seed, p = 0.001; offset too at one "
                      "seed): sigma's posterior is over-dispersed (90% intervals cover 94%); most parameters barely "
                      "contract and as a proposal it is poor (median Pareto k-hat 3.6); needs GPU-scale training",
+    "pk_1cmt_oral": "first CPU phase, 15 epochs (1.15 M simulations, 42 min): fails the family-wise gate (CL under-"
+                    "covered, 90% intervals 81%; ka), contracts little for V and ka; the exact likelihood corrects it "
+                    "as a proposal (theophylline fits as saemix does); more training needed",
     "mrna_simple": "version 2, two CPU phases, 25.6 M simulations: fails the family-wise gate at all three recorded "
                    "seeds, kms outside its band by 0.006 at the workflow seed (p = 0.003; kms again at one other seed, "
                    "t0 at the third): kms slightly over-dispersed (50% intervals cover 54%)",
@@ -73,10 +76,7 @@ def test_meta_records_the_check_at_three_seeds_and_the_proposal_quality(name: st
         assert result["file_sha256"] == meta["file_sha256"] and result["n_simulations"] >= 1000
         assert result["passed"] == (result["worst_excursion"] == 0)
     proposal = diag["proposal"]
-    try:
-        model.log_likelihood(model.prior.mean[None, :], np.zeros((1, model.max_time_points, model.n_obs_types)),
-                             model.sample_design(1, np.random.default_rng(0)))
-    except NotImplementedError:
+    if not model.has_likelihood:
         assert "skipped" in proposal
     else:
         assert 0 < proposal["ess_fraction_median"] <= 1 and proposal["khat_median"] <= proposal["khat_p90"]

@@ -534,7 +534,8 @@ def run_inference(opts: InferenceOptions) -> Path:
                   seed=opts.seed, residual=report_residual(fr), censoring=report_censoring(ctx))
     print(format_estimates(fr))
     if selection.get("computed"):
-        print(f"-2LL {selection['minus2ll']:.2f} (MC SE {selection['minus2ll_se']:.2f}), AIC {selection['aic']:.2f}, "
+        print(f"-2LL {selection['minus2ll']:.2f} (MC SE {selection['minus2ll_se']:.2f}), OFV {selection['ofv']:.2f} "
+              f"(NONMEM's: -2LL - N log 2pi), AIC {selection['aic']:.2f}, "
               f"BIC {selection['bic']:.2f}, BICc {selection['bicc']:.2f} ({selection['method']})")
     print(f"likelihood: {ctx.likelihood}" + (f", residual error {ctx.plan.residual.kind} (population parameter)"
                                             if ctx.plan.residual else ""))

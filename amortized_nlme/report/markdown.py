@@ -113,6 +113,9 @@ def _objective_lines(fit: FitResult, summary: Mapping[str, Any]) -> list[str]:
         lines.append(f"- **−2LL = {ms['minus2ll']:.2f}** (Monte-Carlo SE {ms.get('minus2ll_se', float('nan')):.2f}; "
                      f"importance sampling with {ms.get('n_draws', '?')} draws per individual)"
                      + (f"; {extra}" if extra else ""))
+        if ms.get("ofv") is not None:
+            lines.append(f"- OFV = {ms['ofv']:.2f} (NONMEM's convention: −2LL without N log 2π, N the number of "
+                         "observations; comparable with NONMEM's OFV for the same data and model)")
     else:
         reason = ms.get("reason", "not requested")
         lines.append(f"- −2LL: not computed ({reason})")
