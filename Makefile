@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODEL ?= mrna_simple
 N ?=
+DASK ?=
 DATA ?=
 POP ?=
 export KERAS_BACKEND ?= jax
@@ -23,11 +24,11 @@ $(STAMP): pyproject.toml
 	@test -n "$(PY312)" || { echo "Python 3.12 not found (pyenv install 3.12 or set PY312=/path/to/python3.12)"; exit 1; }
 	test -x $(PY) || $(PY312) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,tensorflow]"
+	$(PY) -m pip install -q -e ".[test,tensorflow,dask]"
 	touch $(STAMP)
 
 simulate: $(STAMP)
-	$(VENV)/bin/amortized-nlme simulate $(MODEL) $(if $(N),-n $(N)) $(if $(CONFIG),--config $(CONFIG))
+	$(VENV)/bin/amortized-nlme simulate $(MODEL) $(if $(N),-n $(N)) $(if $(DASK),--dask $(DASK)) $(if $(CONFIG),--config $(CONFIG))
 
 train: $(STAMP)
 	$(VENV)/bin/amortized-nlme train $(MODEL) $(if $(CONFIG),--config $(CONFIG))

@@ -22,7 +22,7 @@ EXIT_STRICT = 3
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("jax._src.xla_bridge", "absl", "h5py", "matplotlib", "pypesto.objective", "numba"):
+    for noisy in ("jax._src.xla_bridge", "absl", "h5py", "matplotlib", "pypesto.objective", "numba", "distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -68,16 +68,36 @@ def _minutes(text: str) -> float:
     return value
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from amortized_nlme.simulation import simulate_to_store
+def _seconds(text: str) -> float:
+    """argparse type of ``--dask-timeout``: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
 
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from amortized_nlme.simulation import DaskExecutor, simulate_to_store
+    from amortized_nlme.simulation.distributed import DEFAULT_CONNECT_TIMEOUT
+
+    if args.dask_timeout is not None and not args.dask:
+        raise ConfigError("--dask-timeout needs --dask")
+    if args.dask and not args.verbose:
+        # distributed sets its loggers to INFO when imported (scheduler and worker chatter); read by its workers too
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    # a bad --dask address is refused before the workflow is read or anything is started
+    executor = (DaskExecutor(args.dask, connect_timeout=args.dask_timeout or DEFAULT_CONNECT_TIMEOUT)
+                if args.dask else None)
     cfg, model = _workflow_and_model(args.model, args.config)
     n = args.n or cfg.simulation.n
     out = Path(args.out or Path("simulations") / f"{args.model}.h5")
     out.parent.mkdir(parents=True, exist_ok=True)
     simulate_to_store(model, n, out, seed=args.seed if args.seed is not None else cfg.simulation.seed,
                       chunk_size=args.chunk_size or cfg.simulation.chunk_size, workers=args.workers,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, executor=executor)
     print(out)
     return 0
 
@@ -225,8 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "seed, same bytes")
     p.add_argument("--chunk-size", type=_count(1), help="simulations per chunk (unit of resumption and of parallel "
                    "work)")
-    p.add_argument("--workers", type=_count(1), default=None,
-                   help="processes (default: one process, all numba threads)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=_count(1), default=None,
+                       help="processes (default: one process, all numba threads)")
+    where.add_argument("--dask", metavar="ADDRESS",
+                       help="simulate the chunks on Dask: local or local:N (a local cluster of N single-threaded "
+                            "worker processes, default 2) or a scheduler address such as tcp://host:8786; this "
+                            "process writes the store (same bytes, same resume); needs the dask extra")
+    p.add_argument("--dask-timeout", type=_seconds, metavar="SECONDS",
+                   help="give up reaching the Dask scheduler after this many seconds (default 10)")
     p.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
     p.add_argument("--config", help="workflow TOML (default workflows/<model>.toml)")
     p.set_defaults(func=cmd_simulate)

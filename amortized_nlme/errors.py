@@ -24,6 +24,11 @@ class StoreError(AmortizedNlmeError, RuntimeError):
     """A simulation store is missing, belongs to another model or configuration, or is damaged."""
 
 
+class DaskError(AmortizedNlmeError, RuntimeError):
+    """Simulating on Dask is not possible as asked: dask.distributed is not installed, the scheduler cannot be reached,
+    the workers cannot run the package, or a worker died (the store stays resumable)."""
+
+
 class EstimatorError(AmortizedNlmeError, RuntimeError):
     """An estimator cannot be built, trained, loaded or used as asked (missing, damaged, tampered with, or made
     for another model)."""

@@ -2,7 +2,9 @@
 
 :func:`simulate_batch` is the one place that turns a model and an RNG into a clean batch (it is reused by online
 training); :func:`compute_chunk` makes chunk ``c`` of a store from its own RNG, so any worker can compute any chunk;
-:func:`simulate_to_store` runs the whole stage with progress, resume and an atomic final rename.
+:func:`simulate_to_store` runs the whole stage with progress, resume and an atomic final rename. Where the chunks are
+computed is a :class:`ChunkExecutor` (this process, a process pool, or a Dask cluster from
+:mod:`amortized_nlme.simulation.distributed`); this process alone writes the store.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -181,15 +183,92 @@ def _open_writer(path: Path, model: IndividualModel, n: int, chunk_size: int, se
         return StoreWriter(path, model, n, chunk_size, seed)
 
 
+@dataclass(frozen=True)
+class ChunkJob:
+    """What every chunk of one store shares (model, seed, layout): an executor computes ``compute_chunk(*job.args(c))``
+    for each pending chunk ``c``."""
+
+    model: IndividualModel
+    seed: int
+    n_total: int
+    chunk_size: int
+    max_rounds: int = DEFAULT_MAX_ROUNDS
+
+    def args(self, chunk_index: int) -> tuple:
+        """The positional arguments of :func:`compute_chunk` for chunk ``chunk_index``."""
+        return (self.model, self.seed, int(chunk_index), self.n_total, self.chunk_size, self.max_rounds)
+
+
+#: called in the calling thread with each finished chunk, in whatever order chunks finish
+WriteChunk = Callable[[ChunkResult], None]
+
+
+class ChunkExecutor:
+    """Where a store's chunks are computed. :func:`simulate_to_store` enters it (start workers, connect) before it
+    touches the store, calls :meth:`run` once and exits it; only the calling process ever writes the store."""
+
+    #: for the log line, e.g. "1 process"
+    description: str = "1 process"
+
+    def __enter__(self) -> ChunkExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def run(self, job: ChunkJob, pending: list[int], write: WriteChunk) -> None:
+        """Compute every chunk in ``pending`` and pass each result to ``write`` (in this thread) as it arrives."""
+        raise NotImplementedError
+
+
+class SerialExecutor(ChunkExecutor):
+    """Chunks one after the other in this process (numba threads on every core)."""
+
+    description = "1 process"
+
+    def run(self, job: ChunkJob, pending: list[int], write: WriteChunk) -> None:
+        for c in pending:
+            write(compute_chunk(*job.args(c)))
+
+
+class ProcessPoolChunkExecutor(ChunkExecutor):
+    """Chunks in ``n_workers`` spawned processes (at most two in flight each), the cores split between them."""
+
+    def __init__(self, n_workers: int) -> None:
+        self.n_workers = max(1, int(n_workers))
+        self.description = f"{self.n_workers} process{'' if self.n_workers == 1 else 'es'}"
+
+    def run(self, job: ChunkJob, pending: list[int], write: WriteChunk) -> None:
+        threads = max(1, available_cores() // self.n_workers)
+        queue = list(reversed(pending))
+        in_flight: set[Future] = set()
+        with ProcessPoolExecutor(self.n_workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                                 initargs=(threads,)) as pool:
+            try:
+                while queue or in_flight:
+                    while queue and len(in_flight) < 2 * self.n_workers:
+                        in_flight.add(pool.submit(compute_chunk, *job.args(queue.pop())))
+                    finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        write(future.result())
+            except BaseException:
+                for future in in_flight:
+                    future.cancel()
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+
+
 def simulate_to_store(model: IndividualModel | str, n: int, path: str | os.PathLike, seed: int = 0,
                       chunk_size: int = DEFAULT_CHUNK_SIZE, workers: int | None = None, progress: bool = True,
-                      overwrite: bool = False, max_rounds: int = DEFAULT_MAX_ROUNDS) -> Path:
+                      overwrite: bool = False, max_rounds: int = DEFAULT_MAX_ROUNDS,
+                      executor: ChunkExecutor | None = None) -> Path:
     """Simulate ``n`` individuals from the model's prior into the HDF5 store at ``path`` and return the path.
 
     Resumes ``<path>.partial`` if an earlier run was interrupted; returns at once if ``path`` already holds the
     same simulation. ``workers``: processes over chunks (None or 1: one process, numba threads on every core; more
-    runs spawned processes, so a calling script needs the ``if __name__ == "__main__"`` guard). Content never depends
-    on ``workers``, only on model, ``seed``, ``n`` and ``chunk_size``.
+    runs spawned processes, so a calling script needs the ``if __name__ == "__main__"`` guard). ``executor``: any other
+    :class:`ChunkExecutor` instead (e.g. :class:`~amortized_nlme.simulation.distributed.DaskExecutor`); not together
+    with ``workers``. Content never depends on where chunks run, only on model, ``seed``, ``n`` and ``chunk_size``.
     """
     if isinstance(model, str):
         from simulators import get_model
@@ -197,70 +276,48 @@ def simulate_to_store(model: IndividualModel | str, n: int, path: str | os.PathL
         model = get_model(model)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if executor is not None and workers is not None:
+        raise ValueError("pass either workers (a local process pool) or an executor, not both")
     path = Path(path)
     if path.exists() and not overwrite and _check_existing(path, model, n, seed, chunk_size):
         logger.info("%s already holds %d %s simulations with seed %d; nothing to do", path, n, model.name, seed)
         return path
-    n_workers = 1 if workers is None else max(1, int(workers))
+    if executor is None:
+        n_workers = 1 if workers is None else max(1, int(workers))
+        executor = SerialExecutor() if n_workers == 1 else ProcessPoolChunkExecutor(n_workers)
+    job = ChunkJob(model, int(seed), int(n), int(chunk_size), int(max_rounds))
 
-    writer = _open_writer(path, model, n, chunk_size, seed, overwrite)
-    pending = writer.pending_chunks()
-    rows_before = writer.rows_done()
-    logger.info("simulating %d %s simulations (seed %d, %d chunks of %d, %d to do, %d process%s) into %s",
-                n, model.name, seed, writer.n_chunks, chunk_size, len(pending), n_workers,
-                "" if n_workers == 1 else "es", writer.path)
-    bar = tqdm(total=n, initial=rows_before, unit="sim", unit_scale=True, file=sys.stderr, disable=not progress,
-               desc=f"simulate {model.name}", dynamic_ncols=True, smoothing=0.1)
-    t0 = time.perf_counter()
+    # the executor starts (or connects) before the store is touched: a cluster that cannot be reached leaves no file
+    with _sigterm_as_interrupt(), executor:
+        writer = _open_writer(path, model, n, chunk_size, seed, overwrite)
+        pending = writer.pending_chunks()
+        rows_before = writer.rows_done()
+        logger.info("simulating %d %s simulations (seed %d, %d chunks of %d, %d to do, %s) into %s",
+                    n, model.name, seed, writer.n_chunks, chunk_size, len(pending), executor.description, writer.path)
+        bar = tqdm(total=n, initial=rows_before, unit="sim", unit_scale=True, file=sys.stderr, disable=not progress,
+                   desc=f"simulate {model.name}", dynamic_ncols=True, smoothing=0.1)
+        t0 = time.perf_counter()
 
-    def write(result: ChunkResult) -> None:
-        writer.write_chunk(result.index, result.params, result.observations, result.design, result.n_failed)
-        bar.update(result.params.shape[0])
-        bar.set_postfix(failed=writer.n_failed, refresh=False)
+        def write(result: ChunkResult) -> None:
+            writer.write_chunk(result.index, result.params, result.observations, result.design, result.n_failed)
+            bar.update(result.params.shape[0])
+            bar.set_postfix(failed=writer.n_failed, refresh=False)
 
-    try:
-        with _sigterm_as_interrupt():
-            if n_workers == 1:
-                for c in pending:
-                    write(compute_chunk(model, seed, c, n, chunk_size, max_rounds))
-            else:
-                _run_pool(model, seed, n, chunk_size, max_rounds, pending, n_workers, write)
-        n_failed = writer.n_failed
-    except BaseException as err:
-        writer.close()
-        if isinstance(err, KeyboardInterrupt):
-            logger.warning("interrupted: %d of %d chunks are saved in %s; run the same command again to resume",
-                           int(writer.done.sum()), writer.n_chunks, writer.path)
-        raise
-    finally:
-        bar.close()
-    final = writer.finalize()
-    elapsed = time.perf_counter() - t0
+        try:
+            executor.run(job, pending, write)
+            n_failed = writer.n_failed
+        except BaseException as err:
+            writer.close()
+            if isinstance(err, KeyboardInterrupt):
+                logger.warning("interrupted: %d of %d chunks are saved in %s; run the same command again to resume",
+                               int(writer.done.sum()), writer.n_chunks, writer.path)
+            raise
+        finally:
+            bar.close()
+        final = writer.finalize()
+        elapsed = time.perf_counter() - t0
     new_rows = n - rows_before
     logger.info("%s: %d simulations (%d new) in %.1f s (%.0f sims/s); %d failed simulations redrawn (%.3g%%) -> %s",
                 model.name, n, new_rows, elapsed, new_rows / max(elapsed, 1e-9), n_failed,
                 100.0 * n_failed / n, final)
     return final
-
-
-def _run_pool(model: IndividualModel, seed: int, n: int, chunk_size: int, max_rounds: int, pending: list[int],
-              n_workers: int, write) -> None:
-    """Compute ``pending`` chunks in ``n_workers`` spawned processes (at most two in flight each), writing each
-    result as it arrives."""
-    threads = max(1, available_cores() // n_workers)
-    queue = list(reversed(pending))
-    in_flight: set[Future] = set()
-    with ProcessPoolExecutor(n_workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                             initargs=(threads,)) as pool:
-        try:
-            while queue or in_flight:
-                while queue and len(in_flight) < 2 * n_workers:
-                    in_flight.add(pool.submit(compute_chunk, model, seed, queue.pop(), n, chunk_size, max_rounds))
-                finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    write(future.result())
-        except BaseException:
-            for future in in_flight:
-                future.cancel()
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
