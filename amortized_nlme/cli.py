@@ -22,7 +22,7 @@ EXIT_STRICT = 3
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("jax._src.xla_bridge", "absl", "h5py", "matplotlib", "pypesto.objective", "numba", "distributed"):
+    for noisy in ("jax._src.xla_bridge", "absl", "h5py", "matplotlib", "pypesto.objective", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -79,6 +79,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _quiet_dask_logging() -> None:
+    """distributed sets its own log levels when imported: INFO chatter from the scheduler, and tracebacks of its
+    reconnection attempts when the scheduler goes away, which this command reports itself as one message."""
+    try:
+        import distributed  # noqa: F401 - imported here so that the levels below stick
+    except ImportError:
+        return  # DaskExecutor says which extra to install
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from amortized_nlme.simulation import DaskExecutor, simulate_to_store
     from amortized_nlme.simulation.distributed import DEFAULT_CONNECT_TIMEOUT
@@ -86,8 +97,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.dask_timeout is not None and not args.dask:
         raise ConfigError("--dask-timeout needs --dask")
     if args.dask and not args.verbose:
-        # distributed sets its loggers to INFO when imported (scheduler and worker chatter); read by its workers too
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        _quiet_dask_logging()
     # a bad --dask address is refused before the workflow is read or anything is started
     executor = (DaskExecutor(args.dask, connect_timeout=args.dask_timeout or DEFAULT_CONNECT_TIMEOUT)
                 if args.dask else None)

@@ -162,6 +162,31 @@ def test_worker_errors_come_back_as_messages(tmp_path: Path, client) -> None:
     assert partial_path(tmp_path / "sims.h5").exists() and partial_path(tmp_path / "broken.h5").exists()
 
 
+def test_lost_scheduler_is_a_message_and_the_run_resumes(tmp_path: Path, references: dict[str, Path],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler goes away after the first chunk is written: a DaskError, the chunk stays; a rerun finishes."""
+    pytest.importorskip("distributed")
+    from distributed import LocalCluster
+
+    out = tmp_path / "sims.h5"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        write_chunk = StoreWriter.write_chunk
+
+        def write_then_lose_the_scheduler(self, *args, **kwargs):
+            write_chunk(self, *args, **kwargs)
+            cluster.close()
+
+        monkeypatch.setattr(StoreWriter, "write_chunk", write_then_lose_the_scheduler)
+        with pytest.raises(DaskError, match=r"lost the Dask scheduler \(tcp://.*resume"):
+            simulate_on_dask(MrnaSimple(), N, out, cluster.scheduler_address, connect_timeout=2, seed=SEED,
+                             chunk_size=CHUNK, progress=False)
+    monkeypatch.undo()
+    with h5py.File(partial_path(out), "r") as f:
+        assert f["chunk_done"][:].sum() == 1
+    simulate_to_store(MrnaSimple(), N, out, seed=SEED, chunk_size=CHUNK, progress=False)
+    assert _everything(out) == _everything(references["mrna_simple"])
+
+
 def test_cli_simulates_on_a_local_cluster(tmp_path: Path, references: dict[str, Path]) -> None:
     out = tmp_path / "sims.h5"
     res = _cli("mrna_simple", "-n", str(N), "--chunk-size", str(CHUNK), "--seed", str(SEED), "--out", str(out),

@@ -67,6 +67,11 @@ def _import_distributed(what: str) -> Any:
     return distributed
 
 
+def _one_line(err: BaseException) -> str:
+    """An exception's text on one line (distributed's messages span several)."""
+    return " ".join(str(err).split())
+
+
 def _compute_chunk_on_worker(numba_threads: int | None, *args: Any) -> ChunkResult:
     """:func:`compute_chunk` in a worker's task thread, with numba limited to ``numba_threads`` threads (numba's
     setting is per thread, so it is made here rather than once per worker)."""
@@ -144,7 +149,7 @@ class DaskExecutor(ChunkExecutor):
         except Exception as err:  # noqa: BLE001 - whatever kept the cluster from starting, say so in one line
             self._close()
             raise DaskError(f"cannot start a local Dask cluster of {self.n_local} workers ({type(err).__name__}: "
-                            f"{err})") from None
+                            f"{_one_line(err)})") from None
 
     def _connect(self, distributed: Any) -> None:
         """Connect to the scheduler within ``connect_timeout`` seconds."""
@@ -152,8 +157,8 @@ class DaskExecutor(ChunkExecutor):
             self.client = distributed.Client(self.address, timeout=self.connect_timeout, set_as_default=False)
         except (OSError, TimeoutError, ValueError) as err:
             raise DaskError(f"cannot reach the Dask scheduler at {self.address} within {self.connect_timeout:g} s "
-                            f"({err}); start one with `dask scheduler` and workers with `dask worker {self.address}`, "
-                            f"or simulate on this machine with --dask local[:N]") from None
+                            f"({_one_line(err)}); start one with `dask scheduler` and workers with "
+                            f"`dask worker {self.address}`, or simulate on this machine with --dask local[:N]") from None
 
     def _check_workers(self) -> None:
         """Every connected worker must import this package; other versions only warn (bytes may differ)."""
@@ -161,8 +166,8 @@ class DaskExecutor(ChunkExecutor):
         try:
             versions = client.run(_versions)
         except Exception as err:  # noqa: BLE001 - typically ModuleNotFoundError raised on a worker
-            raise DaskError(f"the Dask workers of {self.spec} cannot run amortized-nlme ({type(err).__name__}: {err}); "
-                            f"install the same version of the package on every worker") from None
+            raise DaskError(f"the Dask workers of {self.spec} cannot run amortized-nlme ({type(err).__name__}: "
+                            f"{_one_line(err)}); install the same version of the package on every worker") from None
         mine = _versions()
         for worker, theirs in sorted(versions.items()):
             if theirs != mine:
@@ -205,13 +210,16 @@ class DaskExecutor(ChunkExecutor):
 
         def top_up() -> None:
             # workers may join or leave a running cluster: the bound follows the threads there are now
-            limit = max(2, self.in_flight_per_thread * sum(client.nthreads().values()))
-            while queue and len(chunk_of) < limit:
-                c = queue.pop()
-                future = client.submit(_compute_chunk_on_worker, self.numba_threads, *job.args(c),
-                                       key=f"simulate-{job.model.name}-{token}-chunk-{c}", pure=False)
-                chunk_of[future.key], futures[future.key] = c, future
-                completed.add(future)
+            try:
+                limit = max(2, self.in_flight_per_thread * sum(client.nthreads().values()))
+                while queue and len(chunk_of) < limit:
+                    c = queue.pop()
+                    future = client.submit(_compute_chunk_on_worker, self.numba_threads, *job.args(c),
+                                           key=f"simulate-{job.model.name}-{token}-chunk-{c}", pure=False)
+                    chunk_of[future.key], futures[future.key] = c, future
+                    completed.add(future)
+            except (distributed.CancelledError, OSError, TimeoutError) as err:
+                raise self._lost(err, "while submitting chunks") from None
 
         try:
             top_up()
@@ -231,17 +239,21 @@ class DaskExecutor(ChunkExecutor):
     def _result(self, distributed: Any, future: Any, chunk: int) -> ChunkResult:
         """The chunk's result; a dead worker or a lost scheduler becomes a :class:`DaskError` (errors raised by the
         simulation itself come through as they are)."""
-        from distributed.comm.core import CommClosedError
-
         try:
             return future.result()
         except distributed.KilledWorker as err:
-            raise DaskError(f"Dask workers died while simulating chunk {chunk} ({err}); the chunks written so far "
-                            f"are saved: run the same command again to resume") from None
-        except (distributed.CancelledError, CommClosedError) as err:
-            raise DaskError(f"lost the Dask scheduler ({self.spec}) while simulating chunk {chunk} "
-                            f"({type(err).__name__}: {err}); the chunks written so far are saved: run the same command "
-                            f"again to resume") from None
+            raise DaskError(f"Dask workers died while simulating chunk {chunk} ({_one_line(err)}); the chunks written "
+                            f"so far are saved: run the same command again to resume") from None
+        except (distributed.CancelledError, OSError, TimeoutError) as err:
+            if future.status == "error":  # raised by the simulation on the worker
+                raise
+            raise self._lost(err, f"while simulating chunk {chunk}") from None
+
+    def _lost(self, err: BaseException, when: str) -> DaskError:
+        """The error for a scheduler that went away (connection closed or refused, futures cancelled with the
+        client)."""
+        return DaskError(f"lost the Dask scheduler ({self.spec}) {when} ({type(err).__name__}: {_one_line(err)}); the "
+                         f"chunks written so far are saved: run the same command again to resume")
 
 
 def simulate_on_dask(model: IndividualModel | str, n: int, path: str | Path, address: str | Client = "local",
