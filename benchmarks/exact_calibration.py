@@ -6,7 +6,7 @@ NONMEM data files, and fitted through the package's inference stage with its def
 a population parameter, proposal refinement, adapted draws). Per replicate: the estimates, Wald 95% intervals and the
 result status; pooled: coverage per parameter and overall, and the bias of each parameter in units of its SE.
 
-    python benchmarks/exact_calibration.py --sizes 50 1000 --replicates 40 --json results/bench/exact_calibration.json
+    python benchmarks/exact_calibration.py --sizes 50 1000 --replicates 40
 
 Results are in benchmarks/README.md ("Exact likelihood: replicate calibration").
 """
@@ -94,7 +94,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 1000])
     parser.add_argument("--replicates", type=int, default=40)
-    parser.add_argument("--json", default=str(REPO / "results" / "bench" / "exact_calibration.json"))
+    parser.add_argument("--json", default=str(REPO / "benchmarks" / "exact_calibration.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     # one estimator for every replicate (loading and compiling it once)

@@ -239,6 +239,26 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
+#: the real command with every epoch end slowed by a second, so that a Ctrl-C "at a random instant" lands before the
+#: tiny run finishes even on a loaded 2-core machine (its epochs take ~0.4 s)
+SLOW_EPOCHS_DRIVER = r'''
+import sys, time
+import amortized_nlme.training.trainer as trainer
+from amortized_nlme.cli import main
+
+original = trainer.write_checkpoint
+
+
+def write_checkpoint(*args, **kwargs):
+    time.sleep(1.0)
+    return original(*args, **kwargs)
+
+
+trainer.write_checkpoint = write_checkpoint
+sys.exit(main(sys.argv[1:]))
+'''
+
+
 def checkpoint_epoch(ckpt: Path, fingerprints: dict | None = None) -> int | None:
     """The epoch training resumes from, after checking that the newest complete folder is one consistent set:
     its state names its epoch and a history of that many epochs, the best weights are those of its best epoch, and
@@ -321,9 +341,11 @@ def test_training_survives_kills_ctrl_c_pauses_and_reruns(tmp_path: Path, env: d
     epoch = 3
 
     # (1b) resume, Ctrl-C at a random instant after its first epoch: exit 130 and how to resume
-    run = Running(env, tmp_path / "ctrl-c.log", *train)
+    slow = tmp_path / "slow_epochs.py"
+    slow.write_text(SLOW_EPOCHS_DRIVER)
+    run = Running(env, tmp_path / "ctrl-c.log", *train, script=slow)
     run.wait_for_log(rf"epoch {epoch + 1}/{EPOCHS}")
-    time.sleep(rng.uniform(0.0, 0.3))
+    time.sleep(rng.uniform(0.0, 1.5))
     run.signal(signal.SIGINT)
     code, _, err = run.finish()
     assert code == 130, err[-3000:]
@@ -427,9 +449,11 @@ def test_each_interruption_alone_resumes_to_a_full_estimator(tmp_path: Path, env
     if stop == "pause":
         assert_message_exit(cli(env, *train, "--max-minutes", "0"), 0, "run the same command again to resume")
     else:
-        run = Running(env, tmp_path / "run.log", *train)
+        slow = tmp_path / "slow_epochs.py"
+        slow.write_text(SLOW_EPOCHS_DRIVER)
+        run = Running(env, tmp_path / "run.log", *train, script=slow)
         run.wait_for_log(rf"epoch 2/{EPOCHS}")
-        time.sleep(0.2)
+        time.sleep(0.5)
         run.signal(signal.SIGKILL if stop == "sigkill" else signal.SIGINT)
         code, _, err = run.finish()
         assert code == (-signal.SIGKILL if stop == "sigkill" else 130), err[-3000:]

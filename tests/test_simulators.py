@@ -132,6 +132,7 @@ def test_detailed_jacobian_matches_finite_differences() -> None:
         np.testing.assert_allclose((f1 - f0) / 1e-7, J[:, c], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # ~50 s: 400 stiff solves twice, one solver compiled without caching
 def test_detailed_divergence_proof_changes_no_result() -> None:
     # the early DIVERGED (``_diverges``) only saves the steps of following e up to the bound: the same draws fail,
     # and every other solve is bit-for-bit the one without it
