@@ -24,9 +24,6 @@ NOT_YET_CALIBRATED = {
                      "seeds, sigma outside its band (by 0.012 at the workflow seed, p = 0.001; offset too at one "
                      "seed): sigma's posterior is over-dispersed (90% intervals cover 94%); most parameters barely "
                      "contract and as a proposal it is poor (median Pareto k-hat 3.6); needs GPU-scale training",
-    "pk_1cmt_oral": "first CPU phase, 15 epochs (1.15 M simulations, 42 min): fails the family-wise gate (CL under-"
-                    "covered, 90% intervals 81%; ka), contracts little for V and ka; the exact likelihood corrects it "
-                    "as a proposal (theophylline fits as saemix does); more training needed",
     "mrna_simple": "version 2, two CPU phases, 25.6 M simulations: fails the family-wise gate at all three recorded "
                    "seeds, kms outside its band by 0.006 at the workflow seed (p = 0.003; kms again at one other seed, "
                    "t0 at the third): kms slightly over-dispersed (50% intervals cover 54%)",
