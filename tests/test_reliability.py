@@ -93,11 +93,8 @@ class Running:
         self.log = log
         cmd = [sys.executable, str(script)] if script else [sys.executable, "-m", "amortized_nlme"]
         self._err = open(log, "w")  # noqa: SIM115 - the child writes to it until finish()
-        # Ctrl-C's default disposition in the child, as in a terminal: a test run started in the background by a
-        # non-interactive shell has SIGINT ignored, and children inherit that (Python then installs no handler)
         self.proc = subprocess.Popen([*cmd, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                     stderr=self._err, text=True,
-                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                     stderr=self._err, text=True)  # SIGINT: see conftest.py
 
     @property
     def pid(self) -> int:
