@@ -275,6 +275,11 @@ class IndividualModel(ABC):
         """What designs the model's estimator is trained on (shown by ``amortized-nlme models``)."""
         return ""
 
+    def typical_value_warnings(self, typical: dict[str, float]) -> list[str]:
+        """Warnings about a fitted population's typical individual (natural-scale parameter values by name, those
+        the population estimates), e.g. a known non-identifiability the data cannot resolve. Default: none."""
+        return []
+
     @property
     def n_params(self) -> int:
         return len(self.param_names)

@@ -57,6 +57,15 @@ CMT_ROUTES = {False: {0: 1, 1: 1}, True: {0: 0, 1: 0, 2: 1}}
 ERROR_KINDS = ("additive", "proportional", "combined")
 
 
+def flip_flop_warning(ka: float, k: float) -> str:
+    """The status line for a fit whose typical absorption is slower than its elimination."""
+    return (f"flip-flop kinetics at the estimate: typical ka {ka:.3g} is below the terminal elimination rate "
+            f"{k:.3g} (per time unit of the data); from oral-dose concentrations alone absorption and elimination "
+            "can trade places (an oral one-compartment model fits every individual equally well with ka and CL/V "
+            "swapped), so this may be the mirror of the solution you expect; if absorption is known to be the "
+            "faster process (immediate release), treat these estimates as not identified by this design")
+
+
 class LinearPK(IndividualModel):
     """A linear compartmental PK model with superposition over arbitrary NONMEM dosing records."""
 
@@ -92,6 +101,21 @@ class LinearPK(IndividualModel):
                 f"intervals; 1-{MAX_OBS} observations per subject (sparse to rich), at most {MAX_DOSES} dose records; "
                 "additive, proportional or combined residual error and BLQ censoring; any units (data normalised "
                 "by each subject's time, dose and concentration scales)")
+
+    def typical_value_warnings(self, typical: dict[str, float]) -> list[str]:
+        """Flip-flop: a typical ka below the terminal elimination rate. From concentrations after oral doses alone an
+        oral one-compartment model cannot tell absorption from elimination (ka <-> CL/V with V -> CL/ka fits every
+        individual exactly as well); two compartments blur the same way."""
+        if not self.oral or not all(p in typical for p in self.param_names if p != "tlag"):
+            return []
+        ka, cl = typical["ka"], typical["CL"]
+        if "V" in typical:
+            k = cl / typical["V"]
+        else:
+            k10, k12, k21 = cl / typical["V1"], typical["Q"] / typical["V1"], typical["Q"] / typical["V2"]
+            total = k10 + k12 + k21
+            k = 0.5 * (total - np.sqrt(max(total * total - 4.0 * k10 * k21, 0.0)))
+        return [flip_flop_warning(ka, k)] if ka < k else []
 
     # ------------------------------------------------------------------------------------------- designs
     def sample_design(self, n: int, rng: np.random.Generator) -> Design:

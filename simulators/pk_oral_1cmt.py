@@ -115,6 +115,14 @@ class PkOral1Cmt(IndividualModel):
             mask[i, : t.size] = True
         return {"times": times, "mask": mask, "dose": dose}
 
+    def typical_value_warnings(self, typical: dict[str, float]) -> list[str]:
+        """Flip-flop (ka < ke): see :func:`simulators.pk_library.flip_flop_warning`."""
+        from simulators.pk_library import flip_flop_warning
+
+        if "ka" in typical and "ke" in typical and typical["ka"] < typical["ke"]:
+            return [flip_flop_warning(typical["ka"], typical["ke"])]
+        return []
+
     def predict(self, phi: np.ndarray, design: Design) -> np.ndarray:
         times = np.ascontiguousarray(design["times"], dtype=np.float64)
         mask = np.ascontiguousarray(design["mask"], dtype=np.bool_)

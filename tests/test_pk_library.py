@@ -123,3 +123,30 @@ def test_exact_likelihood_of_predictions(kind: str) -> None:
                 assert ll[i, j] == -np.inf
                 continue
             assert ll[i, j] == pytest.approx(ref, rel=1e-6, abs=1e-6)
+
+
+def test_flip_flop_is_a_status_warning() -> None:
+    """A typical ka below the terminal elimination rate (the mirror of an oral one-compartment fit, which the
+    individual likelihood cannot tell apart) is reported; the usual ka > k is not."""
+    from amortized_nlme.inference.pipeline import typical_values
+    from amortized_nlme.inference.status import assess
+    from simulators import get_model
+
+    one = get_model("pk_1cmt_oral")
+    names = ["beta_CL", "beta_V", "beta_ka", "log_omega_CL", "B_V_lwt"]
+    mirror = typical_values(names, np.log([3.0, 2.5, 0.075, 0.3, 1.5]))
+    assert mirror == pytest.approx({"CL": 3.0, "V": 2.5, "ka": 0.075})
+    assert one.typical_value_warnings(typical_values(names, np.log([3.0, 40.0, 1.2, 0.3, 1.5]))) == []
+    (text,) = one.typical_value_warnings(mirror)
+    assert "flip-flop" in text and "1.2" in text  # k = CL/V = 1.2
+    two = get_model("pk_2cmt_oral")
+    k10, k12, k21 = 3 / 40, 5 / 40, 5 / 60
+    beta = 0.5 * (k10 + k12 + k21 - np.sqrt((k10 + k12 + k21) ** 2 - 4 * k10 * k21))
+    typical = {"CL": 3.0, "V1": 40.0, "Q": 5.0, "V2": 60.0}
+    assert two.typical_value_warnings({**typical, "ka": 0.99 * beta}) != []
+    assert two.typical_value_warnings({**typical, "ka": 1.01 * beta}) == []
+    assert get_model("pk_1cmt_iv").typical_value_warnings({"CL": 3.0, "V": 40.0}) == []
+    assert get_model("pk_oral_1cmt").typical_value_warnings({"ka": 0.05, "ke": 0.09, "V": 30.0}) != []
+    st = assess(likelihood="exact", has_likelihood=True, n_individuals=10, proposal=None, support=None, at_bound=[],
+                mc_ratio=None, mc_target=0.3, kernel_parameters=[], model_warnings=[text])
+    assert st.level == "warning" and any("flip-flop" in r for r in st.reasons)

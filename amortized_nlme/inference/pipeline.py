@@ -483,6 +483,13 @@ def kernel_bias(ctx: InferenceContext, fr) -> dict[str, Any] | None:
             "bias_over_se": dict(zip(fr.parameter_names, (bias / se).tolist()))}
 
 
+def typical_values(names, estimate: np.ndarray) -> dict[str, float]:
+    """Natural-scale typical individual parameters (exp of each ``beta_<name>``; group-specific ones left out) of a
+    population estimate, at the covariates' reference values."""
+    return {n[len("beta_"):]: float(np.exp(v)) for n, v in zip(names, estimate, strict=True)
+            if n.startswith("beta_") and "[" not in n}
+
+
 def run_inference(opts: InferenceOptions) -> Path:
     """Fit the population model and write ``results/<run>/`` (estimates, uncertainty, plots, exact inputs, status)."""
     from amortized_nlme.report import format_estimates, write_results
@@ -507,7 +514,8 @@ def run_inference(opts: InferenceOptions) -> Path:
                     mc_ratio=mc.get("max_mc_over_se") if mc else None, mc_target=opts.mc_target,
                     kernel_parameters=sorted(ctx.population.fixed_std),
                     se_undefined=[] if fr.se is None else [fr.parameter_names[i]
-                                                           for i in np.flatnonzero(~np.isfinite(fr.se))])
+                                                           for i in np.flatnonzero(~np.isfinite(fr.se))],
+                    model_warnings=ctx.model.typical_value_warnings(typical_values(fr.parameter_names, fr.estimate)))
     inputs = {
         "command": " ".join(sys.argv),
         "options": asdict(opts),

@@ -33,7 +33,7 @@ class Status:
 
 def assess(*, likelihood: str, has_likelihood: bool, n_individuals: int, proposal: dict | None,
            support: dict | None, at_bound: list[str], mc_ratio: float | None, mc_target: float,
-           kernel_parameters: list[str], se_undefined: list[str] = ()) -> Status:
+           kernel_parameters: list[str], se_undefined: list[str] = (), model_warnings: list[str] = ()) -> Status:
     """Collect every reason not to trust the fit as it stands."""
     st = Status()
     if likelihood == "amortized":
@@ -63,6 +63,8 @@ def assess(*, likelihood: str, has_likelihood: bool, n_individuals: int, proposa
         level = "unreliable" if mc_ratio > UNRELIABLE_MC else "warning"
         st.add(level, f"Monte-Carlo error up to {mc_ratio:.2f} x the statistical SE (target {mc_target:g}); more "
                       "draws (--max-draws) would reduce it")
+    for text in model_warnings:
+        st.add("warning", text)
     if kernel_parameters:
         st.add("warning", f"parameters without random effect {', '.join(kernel_parameters)} use a narrow Gaussian "
                           "kernel (bias reported under kernel)")
