@@ -70,10 +70,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/inference.py --sizes 100 1000 10000
 	$(PY) benchmarks/mrna_paper.py --sizes 100 1000 --json results/bench/mrna_paper_mrna_simple.json
 	$(PY) benchmarks/theophylline.py
+	$(PY) benchmarks/pheno.py
+	$(PY) benchmarks/pk_recovery.py
+	$(PY) benchmarks/exact_weights_cost.py
 
 # replicate calibration of the exact likelihood (independent simulator, 40 studies each of 50 and 1,000 subjects)
 bench-calibration: $(STAMP)
-	$(PY) benchmarks/exact_calibration.py --sizes 50 1000 --replicates 40 --json results/bench/exact_calibration.json
+	$(PY) benchmarks/exact_calibration.py --sizes 50 1000 --replicates 40
 
 config-reference: $(STAMP)
 	$(PY) -c "from amortized_nlme.config import update_readme_reference; update_readme_reference('README.md')"

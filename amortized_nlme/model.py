@@ -275,6 +275,13 @@ class IndividualModel(ABC):
         """What designs the model's estimator is trained on (shown by ``amortized-nlme models``)."""
         return ""
 
+    def mirror_map(self) -> np.ndarray | None:
+        """A linear involution A of the log-parameters (|det A| = 1) under which individual likelihoods can be
+        identical (p(y | A phi) = p(y | phi) for the designs where it holds, e.g. flip-flop in oral PK): proposal
+        refinement then covers both images of every mode, so a fit cannot miss the other branch because its draws
+        never went there. Default: None."""
+        return None
+
     def typical_value_warnings(self, typical: dict[str, float]) -> list[str]:
         """Warnings about a fitted population's typical individual (natural-scale parameter values by name, those
         the population estimates), e.g. a known non-identifiability the data cannot resolve. Default: none."""

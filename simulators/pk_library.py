@@ -102,6 +102,19 @@ class LinearPK(IndividualModel):
                 "additive, proportional or combined residual error and BLQ censoring; any units (data normalised "
                 "by each subject's time, dose and concentration scales)")
 
+    def mirror_map(self) -> np.ndarray | None:
+        """One-compartment oral: (log CL, log V, log ka) -> (log CL, log CL - log ka, log CL - log V), i.e. ka and
+        k = CL/V swapped with CL kept, gives the same concentrations after any number of oral doses (lag kept)."""
+        if self.code != pkc.ONE_CMT_ORAL:
+            return None
+        i = {p: j for j, p in enumerate(self.param_names)}
+        A = np.eye(len(self.param_names))
+        A[i["V"]] = 0.0
+        A[i["V"], i["CL"]], A[i["V"], i["ka"]] = 1.0, -1.0
+        A[i["ka"]] = 0.0
+        A[i["ka"], i["CL"]], A[i["ka"], i["V"]] = 1.0, -1.0
+        return A
+
     def typical_value_warnings(self, typical: dict[str, float]) -> list[str]:
         """Flip-flop: a typical ka below the terminal elimination rate. From concentrations after oral doses alone an
         oral one-compartment model cannot tell absorption from elimination (ka <-> CL/V with V -> CL/ka fits every

@@ -115,6 +115,14 @@ class PkOral1Cmt(IndividualModel):
             mask[i, : t.size] = True
         return {"times": times, "mask": mask, "dose": dose}
 
+    def mirror_map(self) -> np.ndarray | None:
+        """(log ka, log ke, log V) -> (log ke, log ka, log V + log ke - log ka): the flip-flop image, same
+        concentrations after any oral doses; residual sds kept."""
+        A = np.eye(len(self.param_names))
+        A[0, 0], A[0, 1], A[1, 0], A[1, 1] = 0.0, 1.0, 1.0, 0.0
+        A[2, 0], A[2, 1] = -1.0, 1.0
+        return A
+
     def typical_value_warnings(self, typical: dict[str, float]) -> list[str]:
         """Flip-flop (ka < ke): see :func:`simulators.pk_library.flip_flop_warning`."""
         from simulators.pk_library import flip_flop_warning

@@ -150,3 +150,39 @@ def test_flip_flop_is_a_status_warning() -> None:
     st = assess(likelihood="exact", has_likelihood=True, n_individuals=10, proposal=None, support=None, at_bound=[],
                 mc_ratio=None, mc_target=0.3, kernel_parameters=[], model_warnings=[text])
     assert st.level == "warning" and any("flip-flop" in r for r in st.reasons)
+
+
+@pytest.mark.parametrize("name", ["pk_1cmt_oral", "pk_oral_1cmt"])
+def test_mirror_map_is_an_exact_symmetry_of_oral_one_compartment(name: str) -> None:
+    """The flip-flop image gives the same predictions after repeated oral doses, is an involution with |det| 1,
+    and a refined proposal's t components come with their images (both branches covered)."""
+    from amortized_nlme.inference.proposal import TMixture
+
+    model = get_model(name)
+    A = model.mirror_map()
+    assert np.allclose(A @ A, np.eye(A.shape[0])) and abs(abs(np.linalg.det(A)) - 1.0) < 1e-12
+    rng = np.random.default_rng(3)
+    design = model.sample_design(200, rng)
+    phi = model.prior.sample(200, rng)
+    oral_only = np.ones(200, dtype=bool)
+    if "doses" in design:  # the PK library's designs may give an IV loading dose; the mirror needs oral doses only
+        routes = design["doses"][:, :, pkc.ROUTE]
+        live = np.arange(routes.shape[1])[None, :] < design["n_doses"][:, None]
+        oral_only = ~np.any(live & (routes == 1.0), axis=1)
+    a = np.asarray(model.predict(phi, design)).reshape(200, -1)
+    b = np.asarray(model.predict(phi @ A.T, design)).reshape(200, -1)
+    ok = np.isfinite(a) & np.isfinite(b) & oral_only[:, None] & (np.abs(a) > 0)
+    assert ok.sum() > 1000
+    np.testing.assert_allclose(b[ok], a[ok], rtol=1e-6, atol=1e-9 * np.nanmax(np.abs(a[ok])))
+    assert get_model("pk_1cmt_iv").mirror_map() is None and get_model("pk_2cmt_oral").mirror_map() is None
+
+    k = A.shape[0]
+    mix = TMixture(rng.normal(size=(2, k)), np.stack([np.eye(k), 0.5 * np.eye(k)]), np.log([0.7, 0.3]))
+    both = mix.with_images(A)
+    np.testing.assert_allclose(both.loc[2:], mix.loc @ A.T)
+    cov = both.chol[2:] @ np.swapaxes(both.chol[2:], 1, 2)
+    np.testing.assert_allclose(cov, A @ (mix.chol @ np.swapaxes(mix.chol, 1, 2)) @ A.T, atol=1e-12)
+    assert np.isclose(np.exp(both.log_pi).sum(), 1.0)
+    x = rng.normal(size=(50, k))  # the mixture with images is invariant under the map
+    counts = np.array([35, 15, 35, 15])
+    np.testing.assert_allclose(both.log_prob(x, counts), both.log_prob(x @ A.T, counts), atol=1e-10)

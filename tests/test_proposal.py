@@ -31,7 +31,10 @@ def test_mixture_density_is_scipys_multivariate_t() -> None:
 
 def test_refinement_keeps_every_mode_and_the_latest_population_components() -> None:
     rng = np.random.default_rng(1)
-    proposals = ProposalSet(None, None, None, np.zeros((1, 1)), None, "", None)  # only the mixtures are used here
+    from simulators import get_model
+
+    # only the mixtures are used here; a model without a mirror symmetry
+    proposals = ProposalSet(None, get_model("pk_1cmt_iv"), None, np.zeros((1, 1)), None, "", None)
     mode_locs = []
     for round_ in range(5):
         new = _mixture(rng, 1, 2, POPULATION)

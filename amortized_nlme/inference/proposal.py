@@ -133,6 +133,17 @@ class TMixture:
         return TMixture(np.concatenate([self.loc, other.loc]), np.concatenate([self.chol, other.chol]),
                         np.concatenate([a, b]), self.alpha, self.df, kinds=np.concatenate([self.kinds, other.kinds]))
 
+    def with_images(self, A: np.ndarray) -> "TMixture":
+        """These components and their images under the linear map ``A`` (each image a t with location A mu and
+        scale A Sigma A^T), the two sets sharing every component's weight equally."""
+        cov = np.einsum("cij,ckj->cik", self.chol, self.chol)
+        image_cov = np.einsum("ij,cjk,lk->cil", A, cov, A)
+        image_chol = np.linalg.cholesky(0.5 * (image_cov + np.swapaxes(image_cov, 1, 2)))
+        half = self.log_pi - math.log(2.0)
+        return TMixture(np.concatenate([self.loc, self.loc @ A.T]), np.concatenate([self.chol, image_chol]),
+                        np.concatenate([half, half]), self.alpha, self.df, kinds=np.concatenate([self.kinds,
+                                                                                                 self.kinds]))
+
     def counts(self, m: int) -> tuple[int, np.ndarray]:
         """Draws from q and from each component for ``m`` draws: exact, deterministic (stratified) allocation."""
         m_q = max(1, int(round(self.alpha * m)))
@@ -190,8 +201,13 @@ class ProposalSet:
         population components do not cover); population components are kept for the last
         ``keep_population_rounds`` rounds. Shares of the t part: :data:`MODE_SHARE` for the modes (an equal share
         per round, the Laplace proportions within it), the rest for the population components (equal per round);
-        all of it to whichever kind an individual has alone."""
+        all of it to whichever kind an individual has alone. For a model with a mirror symmetry (see
+        :meth:`~amortized_nlme.model.IndividualModel.mirror_map`) every component comes with its mirror image, so
+        that both branches stay covered wherever the fit is."""
+        mirror = self.mirror_on_psi()
         for i, new in mixtures.items():
+            if mirror is not None:
+                new = new.with_images(mirror)
             old = self.mixtures.get(i)
             if old is None:
                 loc, chol, log_pi, kinds = new.loc, new.chol, new.log_pi, new.kinds
@@ -212,6 +228,17 @@ class ProposalSet:
                     log_pi[sel] = log_pi[sel] - logsumexp(log_pi[sel]) + math.log(share / groups.size)
             self.mixtures[i] = TMixture(loc[keep], chol[keep], log_pi[keep], new.alpha, new.df,
                                         rounds=rounds[keep], kinds=kinds[keep])
+
+    def mirror_on_psi(self) -> np.ndarray | None:
+        """The model's mirror map restricted to the coordinates the population covers (None when it has none, or
+        when it would mix them with auxiliary coordinates)."""
+        A = self.model.mirror_map()
+        if A is None:
+            return None
+        psi, aux = self.plan.psi_index, self.plan.aux_index
+        if aux.size and (np.any(A[np.ix_(psi, aux)]) or np.any(A[np.ix_(aux, psi)])):
+            return None
+        return np.asarray(A, dtype=np.float64)[np.ix_(psi, psi)]
 
     def draw(self, m: int, seed: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``m`` draws per individual (``rows``; default all) and their log proposal densities ``[n, m]``."""
