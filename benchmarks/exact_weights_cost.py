@@ -86,10 +86,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         per = r["loglik"]["seconds"] / r["observation_points_x_draws"] * 1e6
         res = r.get("residual")
+        residual = f"{res['seconds']:.1f} | {res['peak_mib']:.0f}" if res else "– | –"
         lines.append(f"| `{r['model']}` | {r['observations']:,} | {r['loglik']['seconds']:.1f} | {per:.3f} | "
-                     f"{r['loglik']['peak_mib']:.0f} | {res['seconds']:.1f} | {res['peak_mib']:.0f} |" if res else
-                     f"| `{r['model']}` | {r['observations']:,} | {r['loglik']['seconds']:.1f} | {per:.3f} | "
-                     f"{r['loglik']['peak_mib']:.0f} | – | – |")
+                     f"{r['loglik']['peak_mib']:.0f} | {residual} |")
     return "\n".join(lines)
 
 

@@ -29,16 +29,18 @@ def _protein(t: float, t0: float, delta: float, gamma: float, kms: float) -> flo
     return kms * np.exp(-a * tau) * (-np.expm1(-gap * tau)) / gap
 
 
+@nb.njit(cache=True)
+def _natural(row: np.ndarray) -> tuple[float, float, float, float, float]:
+    """delta, gamma, kms, t0, offset of one log-parameter row (shared by the prediction and the fused likelihood)."""
+    return np.exp(row[0]), np.exp(row[1]), np.exp(row[2]), np.exp(row[3]), np.exp(row[4])
+
+
 @nb.njit(parallel=True, cache=True)
 def _predict(phi: np.ndarray, times: np.ndarray) -> np.ndarray:
     n, T = times.shape
     out = np.empty((n, T))
     for i in nb.prange(n):
-        delta = np.exp(phi[i, 0])
-        gamma = np.exp(phi[i, 1])
-        kms = np.exp(phi[i, 2])
-        t0 = np.exp(phi[i, 3])
-        offset = np.exp(phi[i, 4])
+        delta, gamma, kms, t0, offset = _natural(phi[i])
         for j in range(T):
             out[i, j] = np.log(_protein(times[i, j], t0, delta, gamma, kms) + offset)
     return out
@@ -52,11 +54,7 @@ def _loglik(phi: np.ndarray, times: np.ndarray, y: np.ndarray, mask: np.ndarray)
     out = np.empty(n)
     half_log_2pi = 0.5 * np.log(2.0 * np.pi)
     for i in nb.prange(n):
-        delta = np.exp(phi[i, 0])
-        gamma = np.exp(phi[i, 1])
-        kms = np.exp(phi[i, 2])
-        t0 = np.exp(phi[i, 3])
-        offset = np.exp(phi[i, 4])
+        delta, gamma, kms, t0, offset = _natural(phi[i])
         ls = phi[i, 5]
         inv = np.exp(-ls)
         acc = 0.0
